@@ -1,0 +1,32 @@
+"""optstab: JAX/Optax toolkit for optimizer stability research.
+
+The methods are reconstructed from the papers' abstracts (their full texts and code
+are not available); see each module's docstring for what is ours.
+"""
+
+from optstab import checkpoint, tree
+from optstab.stability import units
+from optstab.stability.gnmr import (
+    GNMRState,
+    GNMRWrapState,
+    find_gnmr_state,
+    gnmr,
+    gnmr_metrics,
+    gnmr_wrap,
+    recovery_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GNMRState",
+    "GNMRWrapState",
+    "checkpoint",
+    "find_gnmr_state",
+    "gnmr",
+    "gnmr_metrics",
+    "gnmr_wrap",
+    "recovery_mask",
+    "tree",
+    "units",
+]

@@ -1,0 +1,637 @@
+"""GNMR: runtime stability control from per-unit gradient norm-to-mean ratios.
+
+Method: "GNMR" (Gradient Norm-to-Mean Ratio), Kong, Jia, Zhang et al., 2026,
+https://arxiv.org/abs/2606.00539.
+
+What is published (the abstract): each recoverable unit's current gradient norm is
+compared with its historical mean (GNMR) and with a short recent window (Delta-GNMR);
+local risk signals are mapped to bounded recovery actions under a hard budget
+(maxO) and a short lock interval, without changing the numerical format or kernels.
+
+What is reconstructed here (the paper's full text and code are not available to us;
+every formula and default below is ours):
+
+* ``n_u = ||g_u||`` in float32 over all elements of unit ``u``.
+* Long-run mean ``m_u``: bias-corrected EMA with decay ``decay`` (0.99), or the
+  cumulative mean (``mean_mode="cumulative"``). It is fed only finite norms from
+  steps where the unit is not in recovery, so a spike never raises its own bar.
+* ``GNMR_u = n_u / (m_u + eps)``.
+* Short signal ``s_u``: bias-corrected EMA with decay ``short_decay`` (0.5), or the
+  mean of the last ``short_window`` norms; ``Delta-GNMR_u = n_u / (s_u + eps)`` with
+  ``s_u`` taken *before* this step, so it catches a fast climb that has not yet
+  crossed the GNMR bar. Frozen with ``m_u`` while the unit is in recovery.
+* A unit is at risk when ``GNMR_u > threshold`` or ``Delta-GNMR_u > delta_threshold``
+  (after ``warmup_steps`` updates), or when ``n_u`` is not finite (always). A unit
+  without history has ratio 1.
+* Ranking score ``max(GNMR_u / threshold, Delta-GNMR_u / delta_threshold)``;
+  non-finite units rank first.
+* Budget: at most ``max_recover`` units are in recovery at once, units still locked
+  included. New candidates are taken in score order (``lax.top_k`` over the fixed
+  score vector); the others are counted as denied.
+* Lock: a unit that enters recovery at update ``t`` stays in recovery for updates
+  ``t .. t + lock_steps`` (a countdown in the state) and is published in the
+  recovery mask for the ``lock_steps`` forward passes after ``t``.
+* Actions while in recovery (any combination):
+
+  - ``"precision"``: the unit is published by :func:`recovery_mask`, for the model
+    to run it in high precision; the gradient passes through.
+  - ``"clip"``: rescale ``g_u`` to norm at most ``threshold * m_u``.
+  - ``"skip"``: zero the unit's update. With :func:`gnmr_wrap` the inner
+    optimizer's state for that unit is also left exactly as it was; chained before
+    an optimizer, the optimizer still sees a zero gradient (its moments decay).
+  - ``"reset"`` (:func:`gnmr_wrap` only): zero the inner optimizer's per-parameter
+    statistics (Adam's moments) of a unit when it enters recovery, as SPAM resets
+    momentum. Combine it with ``clip`` or ``skip``: right after a reset Adam's
+    normalised step is large.
+
+* Non-finite gradients never reach the parameters or the statistics: such a unit's
+  update is zeroed under every action (and, in :func:`gnmr_wrap`, its inner state is
+  frozen). A non-finite unit denied by the budget is still zeroed.
+
+Known limitation of this reconstruction: because statistics freeze during recovery,
+a *persistent* jump of a unit's gradient norm (not a transient spike) is flagged
+again after each lock interval while the budget lets it in; the ``denied`` counter
+and ``gnmr_metrics`` make this visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optstab import tree as ot
+
+PyTree = Any
+ArrayLike = jax.typing.ArrayLike
+
+ACTIONS = ("precision", "clip", "skip", "reset")
+MEAN_MODES = ("ema", "cumulative")
+
+
+@jax.tree_util.register_static
+class UnitNames(tuple):
+    """The unit names of a GNMR state: static pytree data with no array leaves."""
+
+
+class GNMRState(NamedTuple):
+    """State of :func:`gnmr`. ``U`` is the number of units. Field order is the
+    checkpoint format."""
+
+    count: jax.Array  # int32 scalar: updates seen
+    norm: jax.Array  # (U,) float32: unit gradient norms of the last update
+    mean: jax.Array  # (U,) float32: long-run mean m_u (bias-corrected EMA or cumulative)
+    mean_count: jax.Array  # (U,) int32: norms folded into mean
+    short: jax.Array  # (U,) float32 short EMA s_u, or (U, short_window) ring buffer
+    short_count: jax.Array  # (U,) int32: norms folded into short
+    gnmr: jax.Array  # (U,) float32: GNMR of the last update (inf when non-finite)
+    delta_gnmr: jax.Array  # (U,) float32: Delta-GNMR of the last update
+    lock: jax.Array  # (U,) int32: recovery countdown; > 0 means published in the mask
+    recovering: jax.Array  # (U,) bool: units acted on in the last update
+    triggers: jax.Array  # int32 scalar: units that entered recovery, cumulative
+    denied: jax.Array  # int32 scalar: at-risk units refused by the budget, cumulative
+    recovered_steps: jax.Array  # int32 scalar: unit-steps spent in recovery, cumulative
+    nonfinite: jax.Array  # int32 scalar: non-finite unit gradients seen, cumulative
+    units: UnitNames  # static unit names, index i of every (U,) vector
+
+
+class GNMRWrapState(NamedTuple):
+    """State of :func:`gnmr_wrap`: the controller and the wrapped optimizer's state."""
+
+    gnmr: GNMRState
+    inner: PyTree
+
+
+class _Hyper(NamedTuple):
+    """Hyperparameters as float32/int32 arrays (they may be traced)."""
+
+    threshold: jax.Array
+    delta_threshold: jax.Array | None
+    max_recover: jax.Array
+    lock_steps: jax.Array
+    warmup_steps: jax.Array
+    decay: jax.Array
+    short_decay: jax.Array
+    eps: jax.Array
+
+
+class _Decision(NamedTuple):
+    """What the controller decided for one update; every field is (U,)."""
+
+    finite: jax.Array  # bool
+    recovering: jax.Array  # bool: entered now or still locked
+    entered: jax.Array  # bool: entered recovery at this update
+    clip_factor: jax.Array  # float32 in (0, 1]: rescaling that brings n_u to threshold*m_u
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _is_concrete_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if _is_concrete_number(value) and not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    _check(name, value, _is_concrete_number(value) and value >= 0, "an integer >= 0")
+
+
+def _validate(
+    threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+) -> None:
+    _check("threshold", threshold, _is_concrete_number(threshold) and threshold > 0, "> 0")
+    if delta_threshold is not None:
+        ok = _is_concrete_number(delta_threshold) and delta_threshold > 0
+        _check("delta_threshold", delta_threshold, ok, "> 0 (or None to disable Delta-GNMR)")
+    _check_int("max_recover", max_recover)
+    _check_int("lock_steps", lock_steps)
+    _check_int("warmup_steps", warmup_steps)
+    _check("decay", decay, _is_concrete_number(decay) and 0 < decay < 1, "in (0, 1)")
+    ok = _is_concrete_number(short_decay) and 0 <= short_decay < 1
+    _check("short_decay", short_decay, ok, "in [0, 1)")
+    _check("eps", eps, _is_concrete_number(eps) and eps > 0, "> 0")
+
+
+def _normalize_actions(action: str | Sequence[str], allow_inner: bool) -> frozenset[str]:
+    actions = (action,) if isinstance(action, str) else tuple(action)
+    unknown = [a for a in actions if a not in ACTIONS]
+    if unknown or not actions:
+        raise ValueError(f"action must be a non-empty subset of {ACTIONS}, got {action!r}")
+    if "reset" in actions and not allow_inner:
+        raise ValueError(
+            "action 'reset' changes the inner optimizer's state: use "
+            "optstab.gnmr_wrap(inner, action=...) instead of optstab.gnmr"
+        )
+    return frozenset(actions)
+
+
+def _check_static_options(mean_mode: str, short_window: int | None) -> None:
+    if mean_mode not in MEAN_MODES:
+        raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
+    if short_window is not None and (not isinstance(short_window, int) or short_window < 1):
+        raise ValueError(f"short_window must be None or an int >= 1, got {short_window!r}")
+
+
+def _as_hyper(
+    threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+) -> _Hyper:
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    i32 = lambda x: jnp.asarray(x).astype(jnp.int32)
+    return _Hyper(
+        threshold=f32(threshold),
+        delta_threshold=None if delta_threshold is None else f32(delta_threshold),
+        max_recover=i32(max_recover),
+        lock_steps=i32(lock_steps),
+        warmup_steps=i32(warmup_steps),
+        decay=f32(decay),
+        short_decay=f32(short_decay),
+        eps=f32(eps),
+    )
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRState:
+    num = partition.num_units
+    zeros_f = jnp.zeros((num,), jnp.float32)
+    zeros_i = jnp.zeros((num,), jnp.int32)
+    scalar = jnp.zeros((), jnp.int32)
+    short_shape = (num,) if short_window is None else (num, short_window)
+    return GNMRState(
+        count=scalar,
+        norm=zeros_f,
+        mean=zeros_f,
+        mean_count=zeros_i,
+        short=jnp.zeros(short_shape, jnp.float32),
+        short_count=zeros_i,
+        gnmr=jnp.ones((num,), jnp.float32),
+        delta_gnmr=jnp.ones((num,), jnp.float32),
+        lock=zeros_i,
+        recovering=jnp.zeros((num,), bool),
+        triggers=scalar,
+        denied=scalar,
+        recovered_steps=scalar,
+        nonfinite=scalar,
+        units=UnitNames(partition.names),
+    )
+
+
+def _short_mean(state: GNMRState) -> jax.Array:
+    if state.short.ndim == 1:
+        return state.short
+    window = state.short.shape[1]
+    filled = jnp.minimum(state.short_count, window).astype(jnp.float32)
+    return jnp.sum(state.short, axis=1) / jnp.maximum(filled, 1.0)
+
+
+def _ratio(norm: jax.Array, reference: jax.Array, has_history: jax.Array, eps) -> jax.Array:
+    """norm / (reference + eps); 1 without history, inf for a non-finite norm."""
+    ratio = jnp.where(has_history, norm / (reference + eps), 1.0)
+    return jnp.where(jnp.isfinite(norm), ratio, jnp.inf)
+
+
+def _running_mean(
+    mean: jax.Array, value: jax.Array, weight: jax.Array, observe: jax.Array
+) -> jax.Array:
+    return jnp.where(observe, mean + weight * (value - mean), mean)
+
+
+def _fold_in(
+    state: GNMRState, norm: jax.Array, observe: jax.Array, hyper: _Hyper, mean_mode: str
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Folds ``norm`` into the long and short statistics of the units in ``observe``.
+
+    A bias-corrected EMA is a running mean whose k-th weight is
+    ``(1 - decay) / (1 - decay**k)``; the cumulative mean uses ``1 / k``.
+    """
+    safe = jnp.where(observe, norm, 0.0)
+    k = (state.mean_count + 1).astype(jnp.float32)
+    if mean_mode == "cumulative":
+        weight = 1.0 / k
+    else:
+        weight = (1.0 - hyper.decay) / (1.0 - hyper.decay**k)
+    mean = _running_mean(state.mean, safe, weight, observe)
+    mean_count = state.mean_count + observe.astype(jnp.int32)
+
+    if state.short.ndim == 1:
+        k = (state.short_count + 1).astype(jnp.float32)
+        weight = (1.0 - hyper.short_decay) / (1.0 - hyper.short_decay**k)
+        short = _running_mean(state.short, safe, weight, observe)
+    else:
+        window = state.short.shape[1]
+        slot = jax.nn.one_hot(state.short_count % window, window, dtype=bool)
+        short = jnp.where(slot & observe[:, None], safe[:, None], state.short)
+    short_count = state.short_count + observe.astype(jnp.int32)
+    return mean, mean_count, short, short_count
+
+
+# ----------------------------------------------------------------------------- control
+
+
+def _select_within_budget(
+    candidate: jax.Array, score: jax.Array, free_slots: jax.Array
+) -> jax.Array:
+    """The ``free_slots`` highest-scoring candidates, with fixed shapes."""
+    num = score.shape[0]
+    ranked_score = jnp.where(candidate, score, -jnp.inf)
+    _, order = jax.lax.top_k(ranked_score, num)
+    rank = jnp.zeros((num,), jnp.int32).at[order].set(jnp.arange(num, dtype=jnp.int32))
+    return candidate & (rank < free_slots)
+
+
+def _control(
+    partition: ot.UnitPartition,
+    updates: PyTree,
+    state: GNMRState,
+    hyper: _Hyper,
+    mean_mode: str,
+) -> tuple[_Decision, GNMRState]:
+    """Measures the units, applies the budget and lock, and advances the statistics."""
+    if tuple(state.units) != partition.names:
+        raise ValueError(
+            f"the updates' units {partition.names} differ from the state's {tuple(state.units)}"
+        )
+    norm = ot.unit_norms(partition, updates)
+    finite = jnp.isfinite(norm)
+    mean = state.mean
+    gnmr_ratio = _ratio(norm, mean, state.mean_count > 0, hyper.eps)
+    delta_ratio = _ratio(norm, _short_mean(state), state.short_count > 0, hyper.eps)
+
+    score = gnmr_ratio / hyper.threshold
+    if hyper.delta_threshold is not None:
+        score = jnp.maximum(score, delta_ratio / hyper.delta_threshold)
+    past_warmup = state.count >= hyper.warmup_steps
+    at_risk = ~finite | (past_warmup & (score > 1.0))
+
+    locked = state.lock > 0
+    candidate = at_risk & ~locked
+    free_slots = jnp.maximum(hyper.max_recover - jnp.sum(locked, dtype=jnp.int32), 0)
+    entered = _select_within_budget(candidate, score, free_slots)
+    recovering = locked | entered
+    lock = jnp.where(entered, hyper.lock_steps, jnp.maximum(state.lock - 1, 0))
+
+    has_mean = state.mean_count > 0
+    bar = hyper.threshold * mean
+    clip_factor = jnp.where(has_mean & (norm > bar), bar / jnp.maximum(norm, 1e-30), 1.0)
+    clip_factor = jnp.where(finite, clip_factor, 1.0)
+
+    observe = finite & ~recovering
+    new_mean, mean_count, short, short_count = _fold_in(state, norm, observe, hyper, mean_mode)
+    count_of = lambda mask: jnp.sum(mask, dtype=jnp.int32)
+    new_state = GNMRState(
+        count=optax.safe_increment(state.count),
+        norm=norm,
+        mean=new_mean,
+        mean_count=mean_count,
+        short=short,
+        short_count=short_count,
+        gnmr=gnmr_ratio,
+        delta_gnmr=delta_ratio,
+        lock=lock,
+        recovering=recovering,
+        triggers=state.triggers + count_of(entered),
+        denied=state.denied + count_of(candidate & ~entered),
+        recovered_steps=state.recovered_steps + count_of(recovering),
+        nonfinite=state.nonfinite + count_of(~finite),
+        units=state.units,
+    )
+    return _Decision(finite, recovering, entered, clip_factor), new_state
+
+
+def _act_on_gradient(
+    partition: ot.UnitPartition, updates: PyTree, decision: _Decision, actions: frozenset[str]
+) -> tuple[PyTree, jax.Array]:
+    """Clips and zeroes unit gradients; returns them and the mask of zeroed units."""
+    if "clip" in actions:
+        factor = jnp.where(decision.recovering, decision.clip_factor, 1.0)
+        updates = ot.scale_units(partition, updates, factor)
+    dropped = ~decision.finite
+    if "skip" in actions:
+        dropped = dropped | decision.recovering
+    return ot.zero_units(partition, updates, dropped), dropped
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def gnmr(
+    threshold: ArrayLike = 3.0,
+    delta_threshold: ArrayLike | None = 2.0,
+    max_recover: ArrayLike = 1,
+    lock_steps: ArrayLike = 10,
+    warmup_steps: ArrayLike = 20,
+    action: str | Sequence[str] = ("precision", "clip"),
+    units: ot.UnitsSpec = None,
+    *,
+    decay: ArrayLike = 0.99,
+    short_decay: ArrayLike = 0.5,
+    mean_mode: str = "ema",
+    short_window: int | None = None,
+    eps: ArrayLike = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """GNMR stability control, to chain before an optimizer.
+
+    For each unit ``u`` with gradient ``g_u``: ``GNMR_u = ||g_u|| / (m_u + eps)``
+    against the long-run mean ``m_u``, ``Delta-GNMR_u = ||g_u|| / (s_u + eps)`` against
+    the short-window mean ``s_u``. Units over a threshold enter recovery, at most
+    ``max_recover`` at a time, for ``lock_steps`` steps; see the module docstring for
+    the full rules and what is reconstructed.
+
+    Args:
+      threshold: GNMR bar ``tau`` (> 0); also the clip bar ``tau * m_u``.
+      delta_threshold: Delta-GNMR bar (> 0), or ``None`` to use GNMR alone.
+      max_recover: budget maxO, the most units in recovery at once (int >= 0).
+      lock_steps: steps a unit stays in recovery after it enters (int >= 0).
+      warmup_steps: updates before any trigger except non-finite ones (int >= 0).
+      action: ``"precision"``, ``"clip"``, ``"skip"``, or a tuple of them.
+      units: ``None`` (one unit per leaf, named by key path) or a callable
+        ``params -> labels`` (see :mod:`optstab.units`).
+      decay: EMA decay of the long-run mean, in (0, 1).
+      short_decay: EMA decay of the short signal, in [0, 1) (0: the last norm).
+      mean_mode: ``"ema"`` or ``"cumulative"`` long-run mean.
+      short_window: if set, the short signal is the mean of the last
+        ``short_window`` norms instead of an EMA (static int).
+      eps: added to the denominators.
+
+    Numeric arguments may be arrays, so ``optax.inject_hyperparams`` works; pass
+    ``static_args=("action", "units", "mean_mode", "short_window")`` to it when
+    ``units`` is a callable (it would otherwise be taken for a schedule).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`GNMRState`.
+
+    Raises:
+      ValueError: for a bad configuration, naming the argument.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optstab
+      >>> params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> tx = optax.chain(optstab.gnmr(warmup_steps=2), optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> grads = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> for _ in range(3):
+      ...     _, state = tx.update(grads, state, params)
+      >>> spike = {"a": 100.0 * jnp.ones(3), "b": jnp.ones(2)}
+      >>> updates, state = tx.update(spike, state, params)
+      >>> {k: bool(v) for k, v in optstab.recovery_mask(state).items()}
+      {'a': True, 'b': False}
+      >>> float(jnp.linalg.norm(updates["a"]) / 0.1)  # clipped to 3 x mean norm
+      5.196...
+
+    References:
+      Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
+    """
+    _validate(
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    )
+    actions = _normalize_actions(action, allow_inner=False)
+    _check_static_options(mean_mode, short_window)
+    hyper_args = (
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    )  # fmt: skip
+
+    def init_fn(params: PyTree) -> GNMRState:
+        return _init_state(ot.make_partition(params, units), short_window)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        partition = ot.make_partition(updates, units)
+        decision, state = _control(partition, updates, state, _as_hyper(*hyper_args), mean_mode)
+        updates, _ = _act_on_gradient(partition, updates, decision, actions)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gnmr_wrap(
+    inner: optax.GradientTransformation,
+    threshold: ArrayLike = 3.0,
+    delta_threshold: ArrayLike | None = 2.0,
+    max_recover: ArrayLike = 1,
+    lock_steps: ArrayLike = 10,
+    warmup_steps: ArrayLike = 20,
+    action: str | Sequence[str] = ("skip",),
+    units: ot.UnitsSpec = None,
+    *,
+    decay: ArrayLike = 0.99,
+    short_decay: ArrayLike = 0.5,
+    mean_mode: str = "ema",
+    short_window: int | None = None,
+    eps: ArrayLike = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """GNMR wrapped around an optimizer, so that actions can reach its state.
+
+    Same controller as :func:`gnmr`. In addition:
+
+    * ``"skip"``: a recovering unit gets a zero update and the inner optimizer's
+      per-parameter state for it (every subtree of the inner state shaped like the
+      params, e.g. Adam's ``mu`` and ``nu``) stays exactly as it was. Scalars shared
+      by all units (Adam's step count) still advance.
+    * ``"reset"``: those per-parameter statistics are zeroed for a unit at the update
+      where it enters recovery.
+    * A unit with a non-finite gradient is always skipped this way.
+
+    Args:
+      inner: the optimizer to wrap (any ``optax.GradientTransformation``).
+      threshold, delta_threshold, max_recover, lock_steps, warmup_steps, action,
+        units, decay, short_decay, mean_mode, short_window, eps: as in :func:`gnmr`;
+        ``action`` may also contain ``"reset"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`GNMRWrapState`; extra args are passed on to ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optstab
+      >>> params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=2)
+      >>> state = tx.init(params)
+      >>> grads = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> for _ in range(3):
+      ...     _, state = tx.update(grads, state, params)
+      >>> spike = {"a": jnp.full(3, jnp.nan), "b": jnp.ones(2)}
+      >>> updates, state = tx.update(spike, state, params)
+      >>> bool(jnp.all(updates["a"] == 0)), bool(jnp.all(jnp.isfinite(state.inner[0].mu["a"])))
+      (True, True)
+
+    References:
+      Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
+    """
+    _validate(
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    )
+    actions = _normalize_actions(action, allow_inner=True)
+    _check_static_options(mean_mode, short_window)
+    hyper_args = (
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    )  # fmt: skip
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> GNMRWrapState:
+        control = _init_state(ot.make_partition(params, units), short_window)
+        return GNMRWrapState(gnmr=control, inner=inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        partition = ot.make_partition(updates, units)
+        hyper = _as_hyper(*hyper_args)
+        decision, control = _control(partition, updates, state.gnmr, hyper, mean_mode)
+        grads, frozen = _act_on_gradient(partition, updates, decision, actions)
+        inner_state = state.inner
+        if "reset" in actions:
+            inner_state = _map_param_like(
+                partition, inner_state, lambda s: ot.zero_units(partition, s, decision.entered)
+            )
+        new_updates, new_inner = inner.update(grads, inner_state, params, **extra_args)
+        new_inner = _freeze_param_like(partition, frozen, inner_state, new_inner)
+        new_updates = ot.zero_units(partition, new_updates, frozen)
+        return new_updates, GNMRWrapState(gnmr=control, inner=new_inner)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- inner state
+
+
+def _is_param_like(partition: ot.UnitPartition, node: Any) -> bool:
+    """A subtree with the params' structure and leaf shapes (e.g. Adam's ``mu``)."""
+    leaves, treedef = jax.tree.flatten(node)
+    if treedef != partition.treedef:
+        return False
+    return all(hasattr(leaf, "shape") for leaf in leaves)
+
+
+def _map_param_like(partition: ot.UnitPartition, inner_state: PyTree, fn) -> PyTree:
+    is_param_like = lambda node: _is_param_like(partition, node)
+    return jax.tree.map(
+        lambda node: fn(node) if is_param_like(node) else node, inner_state, is_leaf=is_param_like
+    )
+
+
+def _freeze_param_like(
+    partition: ot.UnitPartition, frozen: jax.Array, old: PyTree, new: PyTree
+) -> PyTree:
+    """``new`` with the frozen units' per-parameter statistics taken from ``old``."""
+    is_param_like = lambda node: _is_param_like(partition, node)
+
+    def keep_frozen(new_node, old_node):
+        if is_param_like(new_node):
+            return ot.select_units(partition, frozen, old_node, new_node)
+        return new_node
+
+    return jax.tree.map(keep_frozen, new, old, is_leaf=is_param_like)
+
+
+# ----------------------------------------------------------------------------- telemetry
+
+
+def find_gnmr_state(opt_state: PyTree) -> GNMRState:
+    """The :class:`GNMRState` inside a (possibly nested) optimizer state.
+
+    Looks through ``optax.chain``, :func:`gnmr_wrap`, ``optax.inject_hyperparams``,
+    ``optax.MultiSteps`` and any other pytree nesting.
+
+    Raises:
+      ValueError: when there is no GNMR state or more than one.
+    """
+    is_state = lambda node: isinstance(node, GNMRState)
+    found = [n for n in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(n)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one GNMR state in the optimizer state, found {len(found)}"
+        )
+    return _unwrap_variables(found[0])
+
+
+def _unwrap_variables(state: GNMRState) -> GNMRState:
+    """Takes the arrays out of wrappers such as ``flax.nnx.Optimizer``'s ``OptArray``."""
+    unwrap = lambda x: x.get_value() if hasattr(x, "get_value") else x
+    return GNMRState(*(unwrap(getattr(state, f)) for f in GNMRState._fields[:-1]), state.units)
+
+
+def _per_unit(state: GNMRState, values: jax.Array) -> dict[str, jax.Array]:
+    return {name: values[..., i] for i, name in enumerate(state.units)}
+
+
+def recovery_mask(opt_state: PyTree) -> dict[str, jax.Array]:
+    """``{unit_name: bool}``: the units to run in high precision on the next forward.
+
+    A unit is in the mask for the ``lock_steps`` forward passes after it entered
+    recovery. Works on vmapped states (the booleans then have the batch shape).
+    """
+    state = find_gnmr_state(opt_state)
+    return _per_unit(state, state.lock > 0)
+
+
+def gnmr_metrics(opt_state: PyTree) -> dict[str, Any]:
+    """Telemetry of the GNMR state inside ``opt_state``.
+
+    Returns:
+      A dict with per-unit dicts ``gnmr``, ``delta_gnmr``, ``norm``, ``mean``,
+      ``recovering`` (units acted on in the last update) and ``lock``, and the
+      scalars ``num_recovering`` and the cumulative counters ``triggers``,
+      ``denied``, ``recovered_steps`` and ``nonfinite``.
+    """
+    state = find_gnmr_state(opt_state)
+    return {
+        "gnmr": _per_unit(state, state.gnmr),
+        "delta_gnmr": _per_unit(state, state.delta_gnmr),
+        "norm": _per_unit(state, state.norm),
+        "mean": _per_unit(state, state.mean),
+        "recovering": _per_unit(state, state.recovering),
+        "lock": _per_unit(state, state.lock),
+        "num_recovering": jnp.sum(state.recovering, axis=-1, dtype=jnp.int32),
+        "triggers": state.triggers,
+        "denied": state.denied,
+        "recovered_steps": state.recovered_steps,
+        "nonfinite": state.nonfinite,
+    }

@@ -1,0 +1,215 @@
+"""Per-unit views of a parameter pytree, shared by every optstab method.
+
+A *unit* is a named group of parameter elements: a whole leaf, several leaves, or
+one slice along axis 0 of a stacked (scanned) leaf. A :class:`UnitPartition` maps
+the leaves of a pytree onto a fixed, sorted list of unit names so that per-unit
+statistics are plain ``(num_units,)`` float32 vectors with static shapes:
+
+* :func:`unit_sum_squares` reduces a pytree to per-unit sums of squares,
+* :func:`unit_norms` takes their square root,
+* :func:`scale_units` / :func:`select_units` broadcast a per-unit vector back onto
+  the leaves (for rescaling, zeroing or choosing between two pytrees).
+
+Everything here works under ``jit``, ``vmap`` and sharded inputs: the partition is
+static Python data and all array work is reductions and gathers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+# A label is a unit name for a whole leaf, or a sequence of names, one per index
+# along axis 0 of the leaf (a stacked layer split into one unit per layer).
+Label = str | Sequence[str]
+UnitsSpec = None | Callable[[PyTree], PyTree]
+
+# Trailing attribute names that wrap the array inside flax NNX variables.
+_WRAPPER_ATTRS = ("value", "raw_value")
+
+
+def key_path_name(path: Sequence[Any]) -> str:
+    """Joins a pytree key path with '/': ``params['c']['w']`` becomes ``"c/w"``.
+
+    Dict keys, attributes and sequence indices are all rendered by their plain name,
+    and a trailing ``value`` attribute (flax NNX ``Variable``) is dropped, so an NNX
+    model's ``l1.kernel`` is named ``"l1/kernel"``.
+    """
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            parts.append(entry.name)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(entry.key))
+        else:
+            parts.append(str(entry))
+    while len(parts) > 1 and parts[-1] in _WRAPPER_ATTRS:
+        parts.pop()
+    return "/".join(parts) if parts else "param"
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """The '/'-joined key path of every leaf of ``tree``, in flattening order."""
+    return [key_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def default_labels(tree: PyTree) -> PyTree:
+    """One unit per leaf, named by its key path (the ``units=None`` default)."""
+    names = iter(leaf_names(tree))
+    return jax.tree.map(lambda _: next(names), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitPartition:
+    """Static map from the leaves of a pytree to a sorted list of unit names.
+
+    Attributes:
+      names: sorted unit names; index ``i`` of every per-unit vector is ``names[i]``.
+      leaf_units: for each leaf (flattening order), the unit index (an ``int``) or a
+        tuple of unit indices, one per position along the leaf's axis 0.
+      treedef: structure of the pytree the partition was built for.
+    """
+
+    names: tuple[str, ...]
+    leaf_units: tuple[int | tuple[int, ...], ...]
+    treedef: Any
+
+    @property
+    def num_units(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"unknown unit {name!r}; units are {list(self.names)}") from None
+
+
+def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
+    """Builds the :class:`UnitPartition` of ``tree`` from a units spec.
+
+    Args:
+      tree: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+      units: ``None`` for one unit per leaf named by its key path, or a callable
+        ``tree -> labels`` (like ``optax.multi_transform`` labels) whose result has
+        the structure of ``tree`` and, per leaf, either a unit name or a sequence of
+        names whose length is the leaf's axis-0 size (stacked layers).
+
+    Raises:
+      ValueError: when ``units`` is neither, or the labels do not fit the tree.
+    """
+    if units is None:
+        labels = default_labels(tree)
+    elif callable(units):
+        labels = units(tree)
+    else:
+        raise ValueError(f"units must be None or a callable params -> labels, got {units!r}")
+    leaves, treedef = jax.tree.flatten(tree)
+    try:
+        leaf_labels = treedef.flatten_up_to(labels)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"units labels do not match the parameter structure: {err}") from None
+    if not leaves:
+        raise ValueError("the parameter pytree has no leaves; there is nothing to partition")
+
+    names = set()
+    for leaf, label in zip(leaves, leaf_labels, strict=True):
+        if isinstance(label, str):
+            names.add(label)
+            continue
+        label = tuple(label)
+        if not label or not all(isinstance(n, str) for n in label):
+            raise ValueError(f"a unit label must be a str or a sequence of str, got {label!r}")
+        if not np.shape(leaf) or np.shape(leaf)[0] != len(label):
+            raise ValueError(
+                f"a split label needs one name per index of axis 0: got {len(label)} names "
+                f"for a leaf of shape {np.shape(leaf)}"
+            )
+        names.update(label)
+    sorted_names = tuple(sorted(names))
+    position = {name: i for i, name in enumerate(sorted_names)}
+    leaf_units = tuple(
+        position[label] if isinstance(label, str) else tuple(position[n] for n in label)
+        for label in leaf_labels
+    )
+    return UnitPartition(sorted_names, leaf_units, treedef)
+
+
+def _check_structure(partition: UnitPartition, tree: PyTree) -> list[Any]:
+    leaves, treedef = jax.tree.flatten(tree)
+    if treedef != partition.treedef:
+        raise ValueError(
+            f"pytree structure {treedef} does not match the unit partition's {partition.treedef}"
+        )
+    return leaves
+
+
+def _leaf_sum_squares(leaf: jax.Array, unit: int | tuple[int, ...]) -> jax.Array:
+    x = jnp.asarray(leaf).astype(jnp.float32)
+    if isinstance(unit, int):
+        return jnp.sum(jnp.square(x))
+    return jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+
+
+def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
+    """Per-unit sum of squares of ``tree``, float32 of shape ``(num_units,)``."""
+    leaves = _check_structure(partition, tree)
+    total = jnp.zeros((partition.num_units,), jnp.float32)
+    for leaf, unit in zip(leaves, partition.leaf_units, strict=True):
+        index = unit if isinstance(unit, int) else jnp.asarray(unit, jnp.int32)
+        total = total.at[index].add(_leaf_sum_squares(leaf, unit))
+    return total
+
+
+def unit_norms(partition: UnitPartition, tree: PyTree) -> jax.Array:
+    """Per-unit L2 norm of ``tree`` in float32; non-finite where any element is."""
+    return jnp.sqrt(unit_sum_squares(partition, tree))
+
+
+def _broadcast(values: jax.Array, unit: int | tuple[int, ...], leaf: jax.Array) -> jax.Array:
+    """Picks the per-unit ``values`` that apply to ``leaf``, shaped to broadcast."""
+    if isinstance(unit, int):
+        return values[unit]
+    per_row = values[jnp.asarray(unit, jnp.int32)]
+    return per_row.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
+
+
+def scale_units(partition: UnitPartition, tree: PyTree, factors: jax.Array) -> PyTree:
+    """Multiplies every element of unit ``u`` by ``factors[u]``; keeps each leaf's dtype."""
+    leaves = _check_structure(partition, tree)
+    scaled = [
+        leaf * _broadcast(factors, unit, leaf).astype(leaf.dtype)
+        for leaf, unit in zip(leaves, partition.leaf_units, strict=True)
+    ]
+    return jax.tree.unflatten(partition.treedef, scaled)
+
+
+def select_units(
+    partition: UnitPartition, mask: jax.Array, on_true: PyTree, on_false: PyTree
+) -> PyTree:
+    """Elementwise ``where(mask[unit], on_true, on_false)`` over two pytrees.
+
+    Unlike multiplying by zero, this drops NaN and inf in the unselected pytree.
+    """
+    true_leaves = _check_structure(partition, on_true)
+    false_leaves = _check_structure(partition, on_false)
+    chosen = [
+        jnp.where(_broadcast(mask, unit, t), t, f)
+        for t, f, unit in zip(true_leaves, false_leaves, partition.leaf_units, strict=True)
+    ]
+    return jax.tree.unflatten(partition.treedef, chosen)
+
+
+def zero_units(partition: UnitPartition, tree: PyTree, mask: jax.Array) -> PyTree:
+    """Sets the elements of every unit with ``mask[u]`` to exactly zero."""
+    return select_units(partition, mask, jax.tree.map(jnp.zeros_like, tree), tree)

@@ -1,0 +1,324 @@
+"""Behaviour of the GNMR controller: triggers, budget, lock, actions, telemetry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optstab
+from optstab.stability.gnmr import GNMRState
+
+PARAMS = {"a": jnp.ones(4), "b": jnp.ones(3), "c": jnp.ones((2, 2))}
+NAMES = ("a", "b", "c")
+
+
+def grads_with(scale_a=1.0, scale_b=1.0, scale_c=1.0):
+    return {"a": scale_a * jnp.ones(4), "b": scale_b * jnp.ones(3), "c": scale_c * jnp.ones((2, 2))}
+
+
+def run(tx, grad_list, params=PARAMS):
+    """Runs ``tx`` over ``grad_list`` under jit; returns the updates and states per step."""
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    updates, states = [], []
+    for grads in grad_list:
+        upd, state = step(grads, state, params)
+        updates.append(upd)
+        states.append(state)
+    return updates, states
+
+
+def mask_of(state):
+    return {k: bool(v) for k, v in optstab.recovery_mask(state).items()}
+
+
+def test_spike_enters_recovery_holds_for_lock_and_is_released():
+    lock = 4
+    tx = optstab.gnmr(warmup_steps=5, lock_steps=lock, action="precision")
+    grads = [grads_with()] * 8 + [grads_with(scale_a=50.0)] + [grads_with()] * (lock + 2)
+    _, states = run(tx, grads)
+    spike = 8
+    assert not any(mask_of(s)["a"] for s in states[:spike])
+    # Published for exactly ``lock`` forward passes after the spike, then released.
+    published = [mask_of(s)["a"] for s in states[spike:]]
+    assert published == [True] * lock + [False] * (len(published) - lock)
+    # Acted on at the spike and for the lock interval after it.
+    acted = [bool(s.recovering[0]) for s in states[spike:]]
+    assert acted == [True] * (lock + 1) + [False] * (len(acted) - lock - 1)
+    assert not any(mask_of(s)["b"] or mask_of(s)["c"] for s in states)
+    final = states[-1]
+    assert int(final.triggers) == 1 and int(final.recovered_steps) == lock + 1
+    assert int(final.denied) == 0 and int(final.nonfinite) == 0
+
+
+def test_no_trigger_during_warmup_except_nonfinite():
+    tx = optstab.gnmr(warmup_steps=10, action="clip")
+    grads = [grads_with()] * 3 + [grads_with(scale_b=100.0), grads_with(scale_c=jnp.nan)]
+    updates, states = run(tx, grads)
+    assert not bool(states[3].recovering[1])
+    np.testing.assert_allclose(updates[3]["b"], 100.0 * np.ones(3))  # unclipped in warm-up
+    assert bool(states[4].recovering[2]) and int(states[4].nonfinite) == 1
+    assert np.all(np.asarray(updates[4]["c"]) == 0.0)
+
+
+def test_clip_bounds_only_the_spiking_unit():
+    tx = optstab.gnmr(warmup_steps=3, action="clip", threshold=3.0)
+    grads = [grads_with()] * 5 + [grads_with(scale_a=40.0, scale_b=2.0)]
+    updates, states = run(tx, grads)
+    mean_a = float(states[4].mean[0])
+    np.testing.assert_allclose(mean_a, 2.0, rtol=1e-6)  # ||ones(4)|| = 2
+    np.testing.assert_allclose(np.linalg.norm(updates[5]["a"]), 3.0 * mean_a, rtol=1e-5)
+    np.testing.assert_array_equal(updates[5]["b"], 2.0 * np.ones(3))  # b is below its bar
+    np.testing.assert_array_equal(updates[5]["c"], np.ones((2, 2)))
+
+
+def test_delta_gnmr_catches_a_fast_climb_below_the_gnmr_bar():
+    grads = [grads_with()] * 30 + [grads_with(scale_b=2.5)]
+    _, states = run(optstab.gnmr(warmup_steps=5, action="clip"), grads)
+    assert float(states[-1].gnmr[1]) < 3.0 and float(states[-1].delta_gnmr[1]) > 2.0
+    assert bool(states[-1].recovering[1])
+    _, states = run(optstab.gnmr(warmup_steps=5, delta_threshold=None, action="clip"), grads)
+    assert not bool(states[-1].recovering[1])
+
+
+def test_statistics_freeze_while_recovering():
+    tx = optstab.gnmr(warmup_steps=3, lock_steps=3, action="precision")
+    grads = [grads_with()] * 4 + [grads_with(scale_a=20.0)] * 4 + [grads_with()]
+    _, states = run(tx, grads)
+    before = float(states[3].mean[0])
+    for s in states[4:8]:
+        assert float(s.mean[0]) == before and int(s.mean_count[0]) == 4
+    assert int(states[8].mean_count[0]) == 5  # released: observes again
+
+
+def test_budget_denies_and_ranks_by_score():
+    tx = optstab.gnmr(warmup_steps=3, max_recover=1, lock_steps=2, action="clip")
+    grads = [grads_with()] * 4 + [grads_with(scale_a=10.0, scale_b=30.0, scale_c=5.0)]
+    _, states = run(tx, grads)
+    assert [bool(x) for x in states[-1].recovering] == [False, True, False]
+    assert int(states[-1].denied) == 2 and int(states[-1].triggers) == 1
+
+
+def test_nonfinite_never_reaches_params_or_statistics_even_when_denied():
+    tx = optax.chain(optstab.gnmr(max_recover=0, warmup_steps=0), optax.sgd(0.1))
+    grads = [grads_with(), grads_with(scale_a=jnp.inf, scale_b=jnp.nan), grads_with()]
+    updates, states = run(tx, grads)
+    for key in ("a", "b"):
+        assert np.all(np.asarray(updates[1][key]) == 0.0)
+    control = optstab.find_gnmr_state(states[-1])
+    assert np.all(np.isfinite(np.asarray(control.mean)))
+    assert int(control.nonfinite) == 2 and int(control.denied) == 2
+
+
+def test_skip_in_wrapper_freezes_the_units_inner_state_exactly():
+    tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=3, lock_steps=2, action="skip")
+    grads = [grads_with(scale_b=0.5)] * 4 + [grads_with(scale_a=30.0, scale_b=0.7)]
+    updates, states = run(tx, grads)
+    before, after = states[-2].inner[0], states[-1].inner[0]
+    np.testing.assert_array_equal(after.mu["a"], before.mu["a"])
+    np.testing.assert_array_equal(after.nu["a"], before.nu["a"])
+    assert not np.array_equal(after.mu["b"], before.mu["b"])  # others advance
+    assert np.all(np.asarray(updates[-1]["a"]) == 0.0)
+    assert np.all(np.asarray(updates[-1]["b"]) != 0.0)
+
+
+def test_reset_zeroes_the_units_moments_when_it_enters_recovery():
+    tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=3, action=("clip", "reset"))
+    grads = [grads_with()] * 4 + [grads_with(scale_c=30.0)]
+    _, states = run(tx, grads)
+    inner = states[-1].inner[0]
+    # Reset to zero, then one clipped gradient folded in: mu = (1 - b1) * g_clipped.
+    clipped = 3.0 * 2.0 / np.linalg.norm(30.0 * np.ones((2, 2)))
+    np.testing.assert_allclose(inner.mu["c"], 0.1 * 30.0 * clipped * np.ones((2, 2)), rtol=1e-5)
+    np.testing.assert_allclose(inner.mu["a"], (1 - 0.9**5) * np.ones(4), rtol=1e-6)  # untouched
+
+
+def test_chain_form_rejects_reset_and_bad_config_names_the_argument():
+    with pytest.raises(ValueError, match="gnmr_wrap"):
+        optstab.gnmr(action=("reset",))
+    bad = [
+        (dict(threshold=0.0), "threshold"),
+        (dict(delta_threshold=-1.0), "delta_threshold"),
+        (dict(max_recover=-1), "max_recover"),
+        (dict(max_recover=1.5), "max_recover"),
+        (dict(lock_steps=-2), "lock_steps"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(action=("precision", "explode")), "action"),
+        (dict(action=()), "action"),
+        (dict(decay=1.0), "decay"),
+        (dict(short_decay=1.0), "short_decay"),
+        (dict(mean_mode="median"), "mean_mode"),
+        (dict(short_window=0), "short_window"),
+        (dict(eps=0.0), "eps"),
+        (dict(units="all"), "units"),
+    ]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            tx = optstab.gnmr(**kwargs)
+            tx.init(PARAMS)  # units are only seen at init
+
+
+def test_cumulative_mean_and_window_short_signal():
+    norms = [1.0, 2.0, 3.0, 4.0, 5.0]
+    grads = [grads_with(scale_a=x) for x in norms]
+    tx = optstab.gnmr(mean_mode="cumulative", short_window=2, warmup_steps=100)
+    _, states = run(tx, grads)
+    np.testing.assert_allclose(states[-1].mean[0], 2.0 * np.mean(norms), rtol=1e-6)
+    # Delta-GNMR of the last step divides by the mean of the two norms before it.
+    np.testing.assert_allclose(states[-1].delta_gnmr[0], 5.0 / 3.5, rtol=1e-5)
+
+
+def test_ema_mean_is_bias_corrected():
+    grads = [grads_with(scale_a=x) for x in (1.0, 3.0)]
+    _, states = run(optstab.gnmr(decay=0.9, warmup_steps=100), grads)
+    expected = 2.0 * (0.9 * 0.1 * 1.0 + 0.1 * 3.0) / (1 - 0.9**2)
+    np.testing.assert_allclose(states[-1].mean[0], expected, rtol=1e-6)
+
+
+def test_traced_hyperparameters_under_inject_hyperparams():
+    make = optax.inject_hyperparams(optstab.gnmr, static_args=("action", "units"))
+    grads = [grads_with()] * 4 + [grads_with(scale_a=5.0)]
+    _, low = run(make(threshold=3.0, delta_threshold=10.0, warmup_steps=2), grads)
+    _, high = run(make(threshold=8.0, delta_threshold=10.0, warmup_steps=2), grads)
+    assert bool(optstab.find_gnmr_state(low[-1]).recovering[0])
+    assert not bool(optstab.find_gnmr_state(high[-1]).recovering[0])
+    assert low[-1].hyperparams["threshold"].dtype == jnp.float32
+
+
+def test_telemetry_found_through_nested_states():
+    inner = optax.chain(optstab.gnmr(warmup_steps=1), optax.adam(1e-2))
+    wrapped = [
+        inner,
+        optstab.gnmr_wrap(optax.adam(1e-2), warmup_steps=1),
+        optax.inject_hyperparams(optstab.gnmr)(warmup_steps=1),
+        optax.MultiSteps(inner, every_k_schedule=1),
+    ]
+    grads = [grads_with()] * 3 + [grads_with(scale_c=100.0)]
+    for tx in wrapped:
+        _, states = run(tx, grads)
+        metrics = optstab.gnmr_metrics(states[-1])
+        assert set(metrics["gnmr"]) == set(NAMES)
+        assert mask_of(states[-1]) == {"a": False, "b": False, "c": True}
+        assert int(metrics["triggers"]) == 1 and int(metrics["num_recovering"]) == 1
+    with pytest.raises(ValueError, match="exactly one GNMR state"):
+        optstab.recovery_mask(optax.adam(1e-3).init(PARAMS))
+
+
+def test_statistics_float32_and_updates_keep_bf16():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    grads = [jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads_with(scale_a=s)) for s in (1, 9)]
+    updates, states = run(optstab.gnmr(warmup_steps=1, action="clip"), grads, params)
+    assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates[-1]))
+    assert states[-1].mean.dtype == jnp.float32 and states[-1].norm.dtype == jnp.float32
+    assert bool(states[-1].recovering[0])
+
+
+def test_vmapped_states_give_batched_masks():
+    tx = optstab.gnmr(warmup_steps=1, action="clip")
+    scales = jnp.array([1.0, 50.0])
+
+    def two_steps(scale):
+        state = tx.init(PARAMS)
+        _, state = tx.update(grads_with(), state)
+        _, state = tx.update(grads_with(scale_a=scale), state)
+        return state
+
+    states = jax.jit(jax.vmap(two_steps))(scales)
+    np.testing.assert_array_equal(optstab.recovery_mask(states)["a"], [False, True])
+
+
+def test_stacked_units_split_a_leaf_along_axis_0():
+    params = {"layers": {"w": jnp.ones((3, 2, 2)), "b": jnp.ones((3, 2))}, "head": jnp.ones(2)}
+    units = optstab.units.stacked(r"^layers/", optstab.units.by_depth(1))
+    tx = optstab.gnmr(warmup_steps=2, action="clip", units=units)
+    spike = jax.tree.map(jnp.ones_like, params)
+    spike["layers"]["w"] = spike["layers"]["w"].at[1].multiply(100.0)
+    grads = [jax.tree.map(jnp.ones_like, params)] * 3 + [spike]
+    updates, states = run(tx, grads, params)
+    assert mask_of(states[-1]) == {
+        "head": False,
+        "layers/0": False,
+        "layers/1": True,
+        "layers/2": False,
+    }
+    # Only layer 1's slices are clipped: its kernel and bias slice together.
+    np.testing.assert_array_equal(updates[-1]["layers"]["w"][0], np.ones((2, 2)))
+    norm1 = np.sqrt(np.sum(np.square(updates[-1]["layers"]["w"][1])) + 2.0 * 0.0)
+    assert norm1 < 100.0
+    assert float(updates[-1]["layers"]["b"][1][0]) < 1.0
+
+
+def test_nnx_unit_names_follow_the_model_attributes():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 4, rngs=rngs)
+            self.l2 = nnx.Linear(4, 2, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.chain(optstab.gnmr(), optax.sgd(0.1)), wrt=nnx.Param)
+    names = set(optstab.recovery_mask(optimizer.opt_state))
+    assert names == {"l1/kernel", "l1/bias", "l2/kernel", "l2/bias"}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    max_recover=st.integers(0, 3),
+    lock=st.integers(0, 4),
+    storm=st.lists(
+        st.lists(st.sampled_from([1.0, 1.0, 1.0, 4.0, 30.0, 1000.0, np.nan]), min_size=6, max_size=6),
+        min_size=6,
+        max_size=20,
+    ),
+)
+def test_budget_is_never_exceeded_and_takes_the_highest_scores(max_recover, lock, storm):
+    params = {f"u{i}": jnp.ones(3) for i in range(6)}
+    step = _storm_step()
+    state = optstab.gnmr(warmup_steps=2).init(params)
+    for _ in range(3):
+        state = step(jax.tree.map(jnp.ones_like, params), state, max_recover, lock)
+    for scales in storm:
+        grads = {f"u{i}": s * jnp.ones(3) for i, s in enumerate(scales)}
+        locked_before = np.asarray(state.lock) > 0
+        state = step(grads, state, max_recover, lock)
+        recovering = np.asarray(state.recovering)
+        assert recovering.sum() <= max_recover
+        assert (np.asarray(state.lock) > 0).sum() <= max_recover
+        assert np.all(recovering[locked_before])  # locked units stay in recovery
+        entered = recovering & ~locked_before
+        score = np.maximum(np.asarray(state.gnmr) / 3.0, np.asarray(state.delta_gnmr) / 2.0)
+        at_risk = (score > 1.0) | ~np.isfinite(np.asarray(state.norm))
+        denied = at_risk & ~locked_before & ~entered
+        assert not np.any(entered & ~at_risk)
+        if entered.any() and denied.any():
+            assert score[entered].min() >= score[denied].max()
+        if denied.any():  # a denial means the budget was full
+            assert recovering.sum() == max_recover
+
+
+_STORM_STEP = {}
+
+
+def _storm_step():
+    """One compiled step shared by all hypothesis examples (traced budget and lock)."""
+    if "fn" not in _STORM_STEP:
+
+        def step(grads, state, max_recover, lock):
+            tx = optstab.gnmr(warmup_steps=2, max_recover=max_recover, lock_steps=lock)
+            return tx.update(grads, state)[1]
+
+        _STORM_STEP["fn"] = jax.jit(step)
+    return _STORM_STEP["fn"]
+
+
+def test_state_fields_have_declared_dtypes():
+    state = optstab.gnmr().init(PARAMS)
+    assert isinstance(state, GNMRState)
+    assert state.units == NAMES
+    assert state.count.dtype == jnp.int32 and state.lock.dtype == jnp.int32
+    assert state.recovering.dtype == jnp.bool_
+    assert jax.tree.leaves(state.units) == []  # names are static, not checkpointed arrays
