@@ -5,7 +5,8 @@ are not available); see each module's docstring for what is ours.
 """
 
 from optstab import checkpoint, tree
-from optstab.stability import units
+from optstab.stability import baselines, units
+from optstab.stability.baselines import adagc, skip_step, spam, zclip
 from optstab.stability.gnmr import (
     GNMRState,
     GNMRWrapState,
@@ -21,12 +22,17 @@ __version__ = "0.1.0"
 __all__ = [
     "GNMRState",
     "GNMRWrapState",
+    "adagc",
+    "baselines",
     "checkpoint",
     "find_gnmr_state",
     "gnmr",
     "gnmr_metrics",
     "gnmr_wrap",
     "recovery_mask",
+    "skip_step",
+    "spam",
     "tree",
     "units",
+    "zclip",
 ]

@@ -270,7 +270,9 @@ def test_nnx_unit_names_follow_the_model_attributes():
     max_recover=st.integers(0, 3),
     lock=st.integers(0, 4),
     storm=st.lists(
-        st.lists(st.sampled_from([1.0, 1.0, 1.0, 4.0, 30.0, 1000.0, np.nan]), min_size=6, max_size=6),
+        st.lists(
+            st.sampled_from([1.0, 1.0, 1.0, 4.0, 30.0, 1000.0, np.nan]), min_size=6, max_size=6
+        ),
         min_size=6,
         max_size=20,
     ),

@@ -1,0 +1,55 @@
+"""Unit partitions and per-unit reductions shared by every method."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optstab import tree as ot
+
+PARAMS = {"c": {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}, "s": jnp.ones((4, 5))}
+
+
+def test_default_units_are_key_paths_sorted():
+    partition = ot.make_partition(PARAMS)
+    assert partition.names == ("c/b", "c/w", "s")
+    assert ot.key_path_name((jax.tree_util.SequenceKey(2), jax.tree_util.GetAttrKey("w"))) == "2/w"
+
+
+def test_norms_match_numpy_and_are_float32_for_bf16():
+    partition = ot.make_partition(PARAMS)
+    norms = jax.jit(lambda t: ot.unit_norms(partition, t))(PARAMS)
+    np.testing.assert_allclose(norms, [np.sqrt(2), np.sqrt(55), np.sqrt(20)], rtol=1e-6)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    assert ot.unit_norms(partition, bf16).dtype == jnp.float32
+
+
+def test_split_labels_give_per_row_units_and_scaling():
+    labels = {"c": {"w": "c", "b": "c"}, "s": ["s/0", "s/1", "s/2", "s/3"]}
+    partition = ot.make_partition(PARAMS, lambda _: labels)
+    assert partition.names == ("c", "s/0", "s/1", "s/2", "s/3")
+    norms = ot.unit_norms(partition, PARAMS)
+    np.testing.assert_allclose(norms, [np.sqrt(57), *[np.sqrt(5)] * 4], rtol=1e-6)
+    scaled = ot.scale_units(partition, PARAMS, jnp.array([2.0, 0.0, 1.0, 0.0, 3.0]))
+    np.testing.assert_array_equal(scaled["s"][:, 0], [0.0, 1.0, 0.0, 3.0])
+    np.testing.assert_array_equal(scaled["c"]["w"], 2.0 * PARAMS["c"]["w"])
+
+
+def test_zero_units_drops_nan_and_keeps_dtype():
+    partition = ot.make_partition(PARAMS)
+    poisoned = {**PARAMS, "s": jnp.full((4, 5), jnp.nan, jnp.bfloat16)}
+    zeroed = ot.zero_units(partition, poisoned, jnp.array([False, False, True]))
+    assert zeroed["s"].dtype == jnp.bfloat16 and np.all(np.asarray(zeroed["s"]) == 0)
+    np.testing.assert_array_equal(zeroed["c"]["w"], PARAMS["c"]["w"])
+
+
+def test_bad_labels_raise_value_error():
+    with pytest.raises(ValueError, match="units"):
+        ot.make_partition(PARAMS, "everything")
+    with pytest.raises(ValueError, match="axis 0"):
+        ot.make_partition(PARAMS, lambda _: {"c": {"w": "c", "b": "c"}, "s": ["a", "b"]})
+    with pytest.raises(ValueError, match="structure"):
+        ot.make_partition(PARAMS, lambda _: {"c": "c", "s": "s", "x": "x"})
+    partition = ot.make_partition(PARAMS)
+    with pytest.raises(ValueError, match="structure"):
+        ot.unit_norms(partition, {"s": jnp.ones(2)})
