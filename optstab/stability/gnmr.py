@@ -14,12 +14,17 @@ every formula and default below is ours):
 * ``n_u = ||g_u||`` in float32 over all elements of unit ``u``.
 * Long-run mean ``m_u``: bias-corrected EMA with decay ``decay`` (0.99), or the
   cumulative mean (``mean_mode="cumulative"``). It is fed only finite norms from
-  steps where the unit is not in recovery, so a spike never raises its own bar.
+  steps where the unit is not in recovery, and after warm-up each norm is capped at
+  ``threshold * m_u`` first, so a spike never raises its own bar: not when it is
+  recovered, nor when the budget denies it (then the bar rises by at most a factor
+  ``1 + (threshold - 1) * w`` per step, ``w`` the running mean's current weight,
+  ``1 - decay`` once the bias correction has faded; this also lets a lasting change
+  of scale be learnt gradually).
 * ``GNMR_u = n_u / (m_u + eps)``.
 * Short signal ``s_u``: bias-corrected EMA with decay ``short_decay`` (0.5), or the
   mean of the last ``short_window`` norms; ``Delta-GNMR_u = n_u / (s_u + eps)`` with
   ``s_u`` taken *before* this step, so it catches a fast climb that has not yet
-  crossed the GNMR bar. Frozen with ``m_u`` while the unit is in recovery.
+  crossed the GNMR bar. Fed and frozen like ``m_u`` (the same capped norms).
 * A unit is at risk when ``GNMR_u > threshold`` or ``Delta-GNMR_u > delta_threshold``
   (after ``warmup_steps`` updates), or when ``n_u`` is not finite (always). A unit
   without history has ratio 1.
@@ -48,10 +53,10 @@ every formula and default below is ours):
   update is zeroed under every action (and, in :func:`gnmr_wrap`, its inner state is
   frozen). A non-finite unit denied by the budget is still zeroed.
 
-Known limitation of this reconstruction: because statistics freeze during recovery,
-a *persistent* jump of a unit's gradient norm (not a transient spike) is flagged
-again after each lock interval while the budget lets it in; the ``denied`` counter
-and ``gnmr_metrics`` make this visible.
+Known limitation of this reconstruction: statistics freeze during recovery, so a
+*persistent* jump of a unit's gradient norm (not a transient spike) is flagged again
+after each lock interval while the budget lets it in, and is learnt only through the
+capped updates of the steps in between; ``denied`` and ``gnmr_metrics`` show it.
 """
 
 from __future__ import annotations
@@ -326,7 +331,10 @@ def _control(
     clip_factor = jnp.where(finite, clip_factor, 1.0)
 
     observe = finite & ~recovering
-    new_mean, mean_count, short, short_count = _fold_in(state, norm, observe, hyper, mean_mode)
+    # After warm-up a unit's statistics see at most threshold * m_u, so an at-risk norm
+    # that the budget denied raises the baseline by a bounded factor, not by the spike.
+    capped = jnp.where(past_warmup & has_mean, jnp.minimum(norm, bar), norm)
+    new_mean, mean_count, short, short_count = _fold_in(state, capped, observe, hyper, mean_mode)
     count_of = lambda mask: jnp.sum(mask, dtype=jnp.int32)
     new_state = GNMRState(
         count=optax.safe_increment(state.count),

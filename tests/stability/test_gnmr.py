@@ -324,3 +324,16 @@ def test_state_fields_have_declared_dtypes():
     assert state.count.dtype == jnp.int32 and state.lock.dtype == jnp.int32
     assert state.recovering.dtype == jnp.bool_
     assert jax.tree.leaves(state.units) == []  # names are static, not checkpointed arrays
+
+
+def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
+    tx = optstab.gnmr(max_recover=0, warmup_steps=3, action="clip")
+    grads = [grads_with()] * 30 + [grads_with(scale_a=1000.0)]
+    _, states = run(tx, grads)
+    before, after = float(states[-2].mean[0]), float(states[-1].mean[0])
+    assert int(states[-1].denied) == 1 and not bool(states[-1].recovering[0])
+    weight = 0.01 / (1 - 0.99**31)  # the bias-corrected EMA's 31st weight
+    np.testing.assert_allclose(after, before * (1 + (3.0 - 1.0) * weight), rtol=1e-5)
+    # During warm-up nothing is capped: the history is still being formed.
+    _, states = run(optstab.gnmr(warmup_steps=100), [grads_with(), grads_with(scale_a=9.0)])
+    np.testing.assert_allclose(states[-1].mean[0], 2.0 * (0.99 + 9.0) / 1.99, rtol=1e-5)
