@@ -1,0 +1,366 @@
+"""Registry of optimizer cases and toy problems for the shared conformance suite.
+
+Every optimizer transform of optstab is registered here as a :class:`Case`;
+``tests/test_conformance.py`` runs every test over every case and
+``tests/_sharded_worker.py`` reuses the same cases and problems on 8 simulated CPU
+devices. The plain ``adam`` case is the reference: if it fails, the suite itself
+is wrong.
+
+Problems (small on purpose: on CPU the compile time dominates):
+
+* ``quadratic``: a diagonal, ill-conditioned quadratic (curvatures 1 .. 100) over
+  a 2-leaf dict ``{"a": (3,), "w": (8, 4)}``; ``w``'s leading dim is divisible by
+  8 so that it can be sharded over 8 devices.
+* ``rosenbrock``: the 2-D Rosenbrock function over two scalar leaves ``x``, ``y``.
+
+Runs can inject a gradient spike (``x1000`` on leaf ``w`` at one step) so that the
+recovery branches of the stability transforms run in the vmap, checkpoint and
+sharding tests. (No gradient noise: threefry sampling adds seconds of CPU compile
+time per run.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One optimizer under test.
+
+    Attributes:
+      name: test id.
+      make: ``lr -> optax.GradientTransformation``, the full optimizer.
+      make_injected: the same optimizer with the optstab transform (and the inner
+        optimizer) wrapped by ``optax.inject_hyperparams``, so numeric
+        hyperparameters are traced arrays in the state; it must produce the same
+        numbers as ``make`` and hold a ``learning_rate`` hyperparameter.
+      lr: learning rate used by the tests.
+      steps: steps for the quadratic convergence test.
+      rosenbrock_steps: steps for the Rosenbrock convergence test.
+      requires: ``(module, attribute)`` the case needs; the case is skipped with a
+        reason while that does not exist yet.
+    """
+
+    name: str
+    make: Callable[[float], optax.GradientTransformation]
+    make_injected: Callable[[float], optax.GradientTransformation]
+    lr: float = 0.05
+    steps: int = 150
+    rosenbrock_steps: int = 1000
+    requires: tuple[str, str] | None = None
+
+    def missing(self) -> str | None:
+        """Why the case cannot run (its module is not written yet), else None."""
+        if self.requires is None:
+            return None
+        module, attr = self.requires
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as err:
+            return f"{module} is not importable: {err}"
+        if not hasattr(mod, attr):
+            return f"{module}.{attr} does not exist yet"
+        return None
+
+
+def _optstab():
+    return importlib.import_module("optstab")
+
+
+def _baselines():
+    return importlib.import_module("optstab.stability.baselines")
+
+
+def _inject(factory, *, static_args=()):
+    return optax.inject_hyperparams(factory, static_args=static_args)
+
+
+def _injected_adam(lr: float) -> optax.GradientTransformation:
+    return _inject(optax.adam)(learning_rate=lr)
+
+
+# Suite settings: short warm-ups (and a short skip_step window) so that the recovery
+# branches run within the few steps the vmap, checkpoint and sharding tests take;
+# their spike comes after the warm-up. GNMR keeps its default lock (10): with a lock
+# of 3 and 5 warm-up steps, Rosenbrock's naturally swinging gradient norms re-enter
+# recovery ~90 times in 1000 steps and the skip variant ends at ~0.13, not below
+# 0.05. AdaGC keeps its default warm-up
+# (100 steps): with 5, its relative clip (which lets a tensor's norm bound grow by at
+# most ~0.1% per step) holds Rosenbrock at ~0.2 after 1000 steps; its warm-up clip
+# runs in every test anyway.
+GNMR_KW = {"warmup_steps": 5}
+SPAM_KW = {"clip_delay_steps": 5}
+ZCLIP_KW = {"warmup_steps": 5}
+ADAGC_KW: dict[str, Any] = {}
+SKIP_STEP_KW = {"window": 16, "min_history": 8}
+_GNMR_STATIC = ("action", "units", "mean_mode", "short_window")
+_GNMR_WRAP_STATIC = ("inner",) + _GNMR_STATIC
+
+
+def _gnmr_chain(action: tuple[str, ...]):
+    def make(lr):
+        return optax.chain(_optstab().gnmr(action=action, **GNMR_KW), optax.adam(lr))
+
+    def make_injected(lr):
+        gnmr = _inject(_optstab().gnmr, static_args=_GNMR_STATIC)
+        return optax.chain(gnmr(action=action, **GNMR_KW), _injected_adam(lr))
+
+    return make, make_injected
+
+
+def _gnmr_wrap(action: tuple[str, ...]):
+    def make(lr):
+        return _optstab().gnmr_wrap(optax.adam(lr), action=action, **GNMR_KW)
+
+    def make_injected(lr):
+        wrap = _inject(_optstab().gnmr_wrap, static_args=_GNMR_WRAP_STATIC)
+        return wrap(_injected_adam(lr), action=action, **GNMR_KW)
+
+    return make, make_injected
+
+
+def _spam():
+    def make(lr):
+        return _baselines().spam(lr, **SPAM_KW)
+
+    def make_injected(lr):
+        return _inject(_baselines().spam)(lr, **SPAM_KW)
+
+    return make, make_injected
+
+
+def _chained_baseline(name: str, kw: dict[str, Any]):
+    def make(lr):
+        return optax.chain(getattr(_baselines(), name)(**kw), optax.adam(lr))
+
+    def make_injected(lr):
+        return optax.chain(_inject(getattr(_baselines(), name))(**kw), _injected_adam(lr))
+
+    return make, make_injected
+
+
+def _skip_step():
+    def make(lr):
+        return _baselines().skip_step(optax.adam(lr), **SKIP_STEP_KW)
+
+    def make_injected(lr):
+        skip_step = _inject(_baselines().skip_step, static_args=("inner", "window"))
+        return skip_step(_injected_adam(lr), **SKIP_STEP_KW)
+
+    return make, make_injected
+
+
+def _case(name: str, makers, requires=None, **kw) -> Case:
+    make, make_injected = makers
+    return Case(name, make, make_injected, requires=requires, **kw)
+
+
+_GNMR = ("optstab", "gnmr")
+_GNMR_WRAP = ("optstab", "gnmr_wrap")
+_BASE = "optstab.stability.baselines"
+
+# The registry. Every test of test_conformance.py runs once per case.
+CASES: tuple[Case, ...] = (
+    # Reference: plain optax, so that failures of the suite itself are visible.
+    _case("adam", (lambda lr: optax.adam(lr), _injected_adam)),
+    _case("gnmr_clip", _gnmr_chain(("precision", "clip")), _GNMR),
+    _case("gnmr_wrap_skip", _gnmr_wrap(("skip",)), _GNMR_WRAP),
+    _case("gnmr_wrap_reset", _gnmr_wrap(("clip", "reset")), _GNMR_WRAP),
+    _case("spam", _spam(), (_BASE, "spam")),
+    _case("zclip", _chained_baseline("zclip", ZCLIP_KW), (_BASE, "zclip")),
+    _case("adagc", _chained_baseline("adagc", ADAGC_KW), (_BASE, "adagc")),
+    _case("skip_step", _skip_step(), (_BASE, "skip_step")),
+)
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+_TX_CACHE: dict[tuple[str, str, float, int], optax.GradientTransformation] = {}
+
+
+def get_tx(case: Case, lr: float | None = None, *, injected: bool = False, every_k: int = 1):
+    """The case's optimizer, built once per process so jitted runs hit the jit cache.
+
+    ``every_k > 1`` wraps it in ``optax.MultiSteps(tx, every_k_schedule=every_k)``.
+    """
+    lr = case.lr if lr is None else lr
+    key = (case.name, "injected" if injected else "plain", lr, every_k)
+    if key not in _TX_CACHE:
+        tx = (case.make_injected if injected else case.make)(lr)
+        if every_k > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=every_k).gradient_transformation()
+        _TX_CACHE[key] = tx
+    return _TX_CACHE[key]
+
+
+# ------------------------------------------------------------------------ problems
+
+# Curvatures (condition number 100) and targets, as numpy constants.
+_H_A = np.array([1.0, 10.0, 100.0], np.float32)
+_H_W = np.logspace(0.0, 2.0, 32, dtype=np.float32).reshape(8, 4)
+_T_A = np.array([1.0, -2.0, 0.5], np.float32)
+_T_W = np.linspace(-1.0, 1.0, 32, dtype=np.float32).reshape(8, 4)
+
+
+def quadratic_loss(params: PyTree) -> jax.Array:
+    """Diagonal quadratic with curvatures from 1 to 100; minimum 0 at the targets."""
+    a = params["a"].astype(jnp.float32)
+    w = params["w"].astype(jnp.float32)
+    return 0.5 * (jnp.sum(_H_A * (a - _T_A) ** 2) + jnp.sum(_H_W * (w - _T_W) ** 2))
+
+
+def quadratic_init(seed: int, dtype=jnp.float32) -> PyTree:
+    """Targets plus unit Gaussian noise (numpy, per seed); the initial loss is a few 100."""
+    rng = np.random.default_rng(seed)
+    return {
+        "a": jnp.asarray(_T_A + rng.standard_normal(3, np.float32), dtype),
+        "w": jnp.asarray(_T_W + rng.standard_normal((8, 4), np.float32), dtype),
+    }
+
+
+def rosenbrock_loss(params: PyTree) -> jax.Array:
+    """``(1 - x)^2 + 100 (y - x^2)^2``, minimum 0 at ``(1, 1)``."""
+    x = params["x"].astype(jnp.float32)
+    y = params["y"].astype(jnp.float32)
+    return (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
+
+
+def rosenbrock_init(seed: int, dtype=jnp.float32) -> PyTree:
+    """The classic start ``(-1.2, 1)`` (the seed is unused; kept for a uniform API)."""
+    del seed
+    return {"x": jnp.asarray(-1.2, dtype), "y": jnp.asarray(1.0, dtype)}
+
+
+SPIKE_FACTOR = 1000.0
+
+PROBLEMS: dict[str, tuple[Callable, Callable]] = {
+    "quadratic": (quadratic_loss, quadratic_init),
+    "rosenbrock": (rosenbrock_loss, rosenbrock_init),
+}
+
+
+def init_params(problem: str, seed: int, dtype=jnp.float32) -> PyTree:
+    """Initial parameters of ``problem`` (jax arrays, uncommitted) for a seed."""
+    return PROBLEMS[problem][1](seed, dtype)
+
+
+def _grads(problem: str, params: PyTree, step: jax.Array, spike_at: int):
+    loss, grads = jax.value_and_grad(PROBLEMS[problem][0])(params)
+    if spike_at >= 0 and "w" in grads:
+        factor = jnp.where(step == spike_at, SPIKE_FACTOR, 1.0)
+        grads = {**grads, "w": grads["w"] * factor.astype(grads["w"].dtype)}
+    return loss, grads
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """L2 norm of all leaves together, in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def run_fn(
+    tx: optax.GradientTransformation,
+    problem: str,
+    params: PyTree,
+    opt_state: PyTree,
+    start: jax.Array | int,
+    *,
+    steps: int,
+    spike_at: int = -1,
+):
+    """``steps`` optimizer steps from step number ``start``, in a ``lax.scan``.
+
+    Not jitted (see :data:`run`), so that it can be vmapped or composed.
+
+    Returns:
+      ``(params, opt_state, aux)`` with ``aux["loss"]`` the loss before each step and
+      ``aux["update_norm"]`` the global norm of each update, both ``(steps,)``.
+    """
+
+    def body(carry, _):
+        params, opt_state, step = carry
+        loss, grads = _grads(problem, params, step, spike_at)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        aux = {"loss": loss, "update_norm": global_norm(updates)}
+        return (params, opt_state, step + 1), aux
+
+    start = jnp.asarray(start, jnp.int32)
+    (params, opt_state, _), aux = jax.lax.scan(body, (params, opt_state, start), None, length=steps)
+    return params, opt_state, aux
+
+
+_STATIC = ("tx", "problem", "steps", "spike_at")
+# Jitted with the optimizer static: a case's optimizer is built once per process
+# (get_tx), so repeated runs of one case hit the jit cache.
+run = jax.jit(run_fn, static_argnames=_STATIC)
+
+
+def train_fn(tx, problem, params, *, steps, spike_at=-1):
+    """``tx.init`` followed by :func:`run_fn` from step 0 (not jitted, vmappable)."""
+    return run_fn(tx, problem, params, tx.init(params), 0, steps=steps, spike_at=spike_at)
+
+
+train = jax.jit(train_fn, static_argnames=_STATIC)
+
+
+@functools.cache
+def vmapped_train(tx, problem: str, steps: int, spike_at: int = -1):
+    """Jitted :func:`train_fn` vmapped over the leading axis of ``params``."""
+    fn = functools.partial(train_fn, tx, problem, steps=steps, spike_at=spike_at)
+    return jax.jit(jax.vmap(fn))
+
+
+# ------------------------------------------------------------------ state helpers
+
+
+def set_learning_rate(opt_state: PyTree, lr: float) -> tuple[PyTree, int]:
+    """Replaces every injected ``learning_rate`` in ``opt_state``; returns the count."""
+    found = 0
+
+    def is_inject(x):
+        return isinstance(x, optax.InjectStatefulHyperparamsState)
+
+    def visit(node):
+        nonlocal found
+        if not is_inject(node):
+            return node
+        hyper = dict(node.hyperparams)
+        if "learning_rate" in hyper:
+            found += 1
+            hyper["learning_rate"] = jnp.asarray(lr, jnp.asarray(hyper["learning_rate"]).dtype)
+        inner = jax.tree.map(visit, node.inner_state, is_leaf=is_inject)
+        return node._replace(hyperparams=hyper, inner_state=inner)
+
+    new_state = jax.tree.map(visit, opt_state, is_leaf=is_inject)
+    return new_state, found
+
+
+def tree_dtypes(tree: PyTree) -> PyTree:
+    """``(dtype, shape, weak_type)`` of every leaf (arrays or ``ShapeDtypeStruct``)."""
+
+    def describe(x):
+        x = x if hasattr(x, "dtype") and hasattr(x, "shape") else jnp.asarray(x)
+        return (np.dtype(x.dtype), tuple(x.shape), bool(getattr(x, "weak_type", False)))
+
+    return jax.tree.map(describe, tree)
+
+
+def all_finite(tree: PyTree) -> bool:
+    leaves = [
+        x
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and jnp.size(x)
+    ]
+    return all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))) for x in leaves)
