@@ -77,12 +77,10 @@ import jax.numpy as jnp
 import optax
 
 from optstab import tree as otree
+from optstab.stability.warmup import reset_ramp
 
 ArrayLike = jax.typing.ArrayLike
 ScalarOrSchedule = float | jax.Array | optax.Schedule
-
-# SPAM's post-reset warm-up starts at 1 - _SPAM_WARMUP_DEPTH of the full step size.
-_SPAM_WARMUP_DEPTH = 0.99
 
 
 def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
@@ -137,10 +135,8 @@ def _spam_warmup_factor(
     """Step-size factor: a half-cosine ramp from 0.01 to 1 over the steps after a reset."""
     interval = jnp.asarray(reset_interval, jnp.int32)
     since = _steps_since_reset(step, interval)
-    warmup = jnp.asarray(reset_warmup_steps, jnp.float32)
-    ramp = 1.0 - _SPAM_WARMUP_DEPTH * 0.5 * (1.0 + jnp.cos(jnp.pi * since / (warmup + 1.0)))
     after_a_reset = (interval > 0) & (step >= interval)
-    return jnp.where(after_a_reset & (since < warmup), ramp, 1.0).astype(jnp.float32)
+    return jnp.where(after_a_reset, reset_ramp(since, reset_warmup_steps), 1.0)
 
 
 def _spam_spikes(grads: optax.Updates, nu: optax.Updates, threshold: jax.Array) -> Any:

@@ -36,6 +36,12 @@ every formula and default below is ours):
 * Lock: a unit that enters recovery at update ``t`` stays in recovery for updates
   ``t .. t + lock_steps`` (a countdown in the state) and is published in the
   recovery mask for the ``lock_steps`` forward passes after ``t``.
+* Release: a unit still at risk on the update that releases it (its last locked
+  update; with ``lock_steps=0``, the next update at risk) has outlasted the lock,
+  so its risk is a new level rather than a short-lived event. Its statistics are
+  re-baselined at the current norm (counted in ``rebaselines``); without this a
+  skipped unit, whose gradient cannot change while it is frozen, would re-enter
+  recovery at every release and never train again.
 * Actions while in recovery (any combination):
 
   - ``"precision"``: the unit is published by :func:`recovery_mask`, for the model
@@ -46,17 +52,18 @@ every formula and default below is ours):
     an optimizer, the optimizer still sees a zero gradient (its moments decay).
   - ``"reset"`` (:func:`gnmr_wrap` only): zero the inner optimizer's per-parameter
     statistics (Adam's moments) of a unit when it enters recovery, as SPAM resets
-    momentum. Combine it with ``clip`` or ``skip``: right after a reset Adam's
-    normalised step is large.
+    momentum, and ramp that unit's step size back up over ``reset_warmup_steps``
+    updates with SPAM's half-cosine (:mod:`optstab.stability.warmup`): Adam's bias
+    correction counts global steps, so unramped steps after a reset are several
+    times too large.
 
 * Non-finite gradients never reach the parameters or the statistics: such a unit's
   update is zeroed under every action (and, in :func:`gnmr_wrap`, its inner state is
   frozen). A non-finite unit denied by the budget is still zeroed.
 
-Known limitation of this reconstruction: statistics freeze during recovery, so a
-*persistent* jump of a unit's gradient norm (not a transient spike) is flagged again
-after each lock interval while the budget lets it in, and is learnt only through the
-capped updates of the steps in between; ``denied`` and ``gnmr_metrics`` show it.
+Known limitation of this reconstruction: a *persistent* jump of a unit's gradient
+norm costs one lock interval of recovery before it is accepted as the new level (a
+unit denied by the budget meanwhile learns it only through the capped updates).
 """
 
 from __future__ import annotations
@@ -69,11 +76,13 @@ import jax.numpy as jnp
 import optax
 
 from optstab import tree as ot
+from optstab.stability.warmup import reset_ramp
 
 PyTree = Any
 ArrayLike = jax.typing.ArrayLike
 
 ACTIONS = ("precision", "clip", "skip", "reset")
+_AGE_CAP = 2**30  # reset_age saturates here: "never reset" and "long ago" look alike
 MEAN_MODES = ("ema", "cumulative")
 
 
@@ -100,6 +109,7 @@ class GNMRState(NamedTuple):
     denied: jax.Array  # int32 scalar: at-risk units refused by the budget, cumulative
     recovered_steps: jax.Array  # int32 scalar: unit-steps spent in recovery, cumulative
     nonfinite: jax.Array  # int32 scalar: non-finite unit gradients seen, cumulative
+    rebaselines: jax.Array  # int32 scalar: units still at risk when released, cumulative
     units: UnitNames  # static unit names, index i of every (U,) vector
 
 
@@ -108,6 +118,7 @@ class GNMRWrapState(NamedTuple):
 
     gnmr: GNMRState
     inner: PyTree
+    reset_age: jax.Array  # (U,) int32: updates since each unit's last reset (saturates)
 
 
 class _Hyper(NamedTuple):
@@ -227,8 +238,14 @@ def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRSt
         denied=scalar,
         recovered_steps=scalar,
         nonfinite=scalar,
+        rebaselines=scalar,
         units=UnitNames(partition.names),
     )
+
+
+def _window(short: jax.Array) -> int:
+    """Number of norms the short signal holds: 1 for the EMA, else the window."""
+    return 1 if short.ndim == 1 else short.shape[1]
 
 
 def _short_mean(state: GNMRState) -> jax.Array:
@@ -335,6 +352,16 @@ def _control(
     # that the budget denied raises the baseline by a bounded factor, not by the spike.
     capped = jnp.where(past_warmup & has_mean, jnp.minimum(norm, bar), norm)
     new_mean, mean_count, short, short_count = _fold_in(state, capped, observe, hyper, mean_mode)
+    # A risk that outlasts the lock is a new level, not a spike: re-baseline the unit
+    # when it is released so that it does not re-enter recovery for ever.
+    rebaseline = state.recovering & (lock == 0) & at_risk & finite
+    new_mean = jnp.where(rebaseline, norm, new_mean)
+    short = jnp.where(
+        rebaseline.reshape((-1,) + (1,) * (short.ndim - 1)),
+        norm.reshape((-1,) + (1,) * (short.ndim - 1)),
+        short,
+    )
+    short_count = jnp.where(rebaseline, jnp.maximum(short_count, _window(short)), short_count)
     count_of = lambda mask: jnp.sum(mask, dtype=jnp.int32)
     new_state = GNMRState(
         count=optax.safe_increment(state.count),
@@ -351,6 +378,7 @@ def _control(
         denied=state.denied + count_of(candidate & ~entered),
         recovered_steps=state.recovered_steps + count_of(recovering),
         nonfinite=state.nonfinite + count_of(~finite),
+        rebaselines=state.rebaselines + count_of(rebaseline),
         units=state.units,
     )
     return _Decision(finite, recovering, entered, clip_factor), new_state
@@ -476,6 +504,7 @@ def gnmr_wrap(
     mean_mode: str = "ema",
     short_window: int | None = None,
     eps: ArrayLike = 1e-12,
+    reset_warmup_steps: ArrayLike = 150,
 ) -> optax.GradientTransformationExtraArgs:
     """GNMR wrapped around an optimizer, so that actions can reach its state.
 
@@ -486,7 +515,8 @@ def gnmr_wrap(
       params, e.g. Adam's ``mu`` and ``nu``) stays exactly as it was. Scalars shared
       by all units (Adam's step count) still advance.
     * ``"reset"``: those per-parameter statistics are zeroed for a unit at the update
-      where it enters recovery.
+      where it enters recovery, and its updates are then scaled by SPAM's half-cosine
+      ramp from 0.01 to 1 over ``reset_warmup_steps`` updates.
     * A unit with a non-finite gradient is always skipped this way.
 
     Args:
@@ -494,6 +524,8 @@ def gnmr_wrap(
       threshold, delta_threshold, max_recover, lock_steps, warmup_steps, action,
         units, decay, short_decay, mean_mode, short_window, eps: as in :func:`gnmr`;
         ``action`` may also contain ``"reset"``.
+      reset_warmup_steps: length of the step-size ramp after a reset (int >= 0; the
+        default, 150, is SPAM's).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -519,6 +551,7 @@ def gnmr_wrap(
         threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
     )
     actions = _normalize_actions(action, allow_inner=True)
+    _check_int("reset_warmup_steps", reset_warmup_steps)
     _check_static_options(mean_mode, short_window)
     hyper_args = (
         threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
@@ -527,22 +560,27 @@ def gnmr_wrap(
 
     def init_fn(params: PyTree) -> GNMRWrapState:
         control = _init_state(ot.make_partition(params, units), short_window)
-        return GNMRWrapState(gnmr=control, inner=inner.init(params))
+        never_reset = jnp.full(control.lock.shape, _AGE_CAP, jnp.int32)
+        return GNMRWrapState(gnmr=control, inner=inner.init(params), reset_age=never_reset)
 
     def update_fn(updates, state, params=None, **extra_args):
         partition = ot.make_partition(updates, units)
         hyper = _as_hyper(*hyper_args)
         decision, control = _control(partition, updates, state.gnmr, hyper, mean_mode)
         grads, frozen = _act_on_gradient(partition, updates, decision, actions)
-        inner_state = state.inner
+        inner_state, reset_age = state.inner, state.reset_age
         if "reset" in actions:
             inner_state = _map_param_like(
                 partition, inner_state, lambda s: ot.zero_units(partition, s, decision.entered)
             )
+            reset_age = jnp.where(decision.entered, 0, jnp.minimum(reset_age + 1, _AGE_CAP))
         new_updates, new_inner = inner.update(grads, inner_state, params, **extra_args)
         new_inner = _freeze_param_like(partition, frozen, inner_state, new_inner)
+        if "reset" in actions:
+            ramp = reset_ramp(reset_age, reset_warmup_steps)
+            new_updates = ot.scale_units(partition, new_updates, ramp)
         new_updates = ot.zero_units(partition, new_updates, frozen)
-        return new_updates, GNMRWrapState(gnmr=control, inner=new_inner)
+        return new_updates, GNMRWrapState(gnmr=control, inner=new_inner, reset_age=reset_age)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -627,7 +665,7 @@ def gnmr_metrics(opt_state: PyTree) -> dict[str, Any]:
       A dict with per-unit dicts ``gnmr``, ``delta_gnmr``, ``norm``, ``mean``,
       ``recovering`` (units acted on in the last update) and ``lock``, and the
       scalars ``num_recovering`` and the cumulative counters ``triggers``,
-      ``denied``, ``recovered_steps`` and ``nonfinite``.
+      ``denied``, ``recovered_steps``, ``nonfinite`` and ``rebaselines``.
     """
     state = find_gnmr_state(opt_state)
     return {
@@ -642,4 +680,5 @@ def gnmr_metrics(opt_state: PyTree) -> dict[str, Any]:
         "denied": state.denied,
         "recovered_steps": state.recovered_steps,
         "nonfinite": state.nonfinite,
+        "rebaselines": state.rebaselines,
     }

@@ -86,12 +86,14 @@ def test_delta_gnmr_catches_a_fast_climb_below_the_gnmr_bar():
 
 def test_statistics_freeze_while_recovering():
     tx = optstab.gnmr(warmup_steps=3, lock_steps=3, action="precision")
-    grads = [grads_with()] * 4 + [grads_with(scale_a=20.0)] * 4 + [grads_with()]
+    # A 3-update spike, within the lock: frozen from entry to release, no re-baseline.
+    grads = [grads_with()] * 4 + [grads_with(scale_a=20.0)] * 3 + [grads_with()] * 2
     _, states = run(tx, grads)
     before = float(states[3].mean[0])
     for s in states[4:8]:
         assert float(s.mean[0]) == before and int(s.mean_count[0]) == 4
     assert int(states[8].mean_count[0]) == 5  # released: observes again
+    assert int(states[8].rebaselines) == 0
 
 
 def test_budget_denies_and_ranks_by_score():
@@ -337,3 +339,31 @@ def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
     # During warm-up nothing is capped: the history is still being formed.
     _, states = run(optstab.gnmr(warmup_steps=100), [grads_with(), grads_with(scale_a=9.0)])
     np.testing.assert_allclose(states[-1].mean[0], 2.0 * (0.99 + 9.0) / 1.99, rtol=1e-5)
+
+
+def test_reset_ramps_the_units_step_size_back_up():
+    tx = optstab.gnmr_wrap(
+        optax.sgd(1.0), warmup_steps=3, lock_steps=1, action=("clip", "reset"),
+        reset_warmup_steps=4,
+    )  # fmt: skip
+    grads = [grads_with()] * 4 + [grads_with(scale_a=30.0)] + [grads_with()] * 5
+    updates, states = run(tx, grads)
+    ages = [int(s.reset_age[0]) for s in states[4:]]
+    assert ages == [0, 1, 2, 3, 4, 5]
+    # sgd(1.0): the update is -g times the ramp, 0.01 on the reset step, 1 after 4 steps.
+    factors = [float(-updates[t]["a"][0]) / float(grads[t]["a"][0]) for t in range(6, 10)]
+    np.testing.assert_allclose(factors[:2], [1 - 0.99 * 0.5 * (1 + np.cos(np.pi * k / 5))
+                                             for k in (2, 3)], rtol=1e-5)  # fmt: skip
+    assert factors[-1] == 1.0
+    np.testing.assert_array_equal(updates[6]["b"], -np.ones(3))  # other units unramped
+
+
+def test_a_risk_that_outlasts_the_lock_is_rebaselined():
+    tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=3, lock_steps=3, action="skip")
+    grads = [grads_with()] * 5 + [grads_with(scale_a=10.0)] * 12
+    _, states = run(tx, grads)
+    control = states[-1].gnmr
+    # One recovery of 1 + 3 updates, then the new level is accepted: no re-entry.
+    assert int(control.triggers) == 1 and int(control.rebaselines) == 1
+    assert int(control.recovered_steps) == 4
+    np.testing.assert_allclose(control.mean[0], 20.0, rtol=1e-5)
