@@ -25,11 +25,15 @@ every formula and default below is ours):
   mean of the last ``short_window`` norms; ``Delta-GNMR_u = n_u / (s_u + eps)`` with
   ``s_u`` taken *before* this step, so it catches a fast climb that has not yet
   crossed the GNMR bar. Fed and frozen like ``m_u`` (the same capped norms).
-* A unit is at risk when ``GNMR_u > threshold`` or ``Delta-GNMR_u > delta_threshold``
-  (after ``warmup_steps`` updates), or when ``n_u`` is not finite (always). A unit
-  without history has ratio 1.
-* Ranking score ``max(GNMR_u / threshold, Delta-GNMR_u / delta_threshold)``;
-  non-finite units rank first.
+* A unit is at risk when ``GNMR_u > threshold``, or ``Delta-GNMR_u > delta_threshold``
+  while ``GNMR_u > 1`` (after ``warmup_steps`` updates), or when ``n_u`` is not finite
+  (always). A unit without history has ratio 1. The ``GNMR_u > 1`` gate is ours: a
+  minibatch norm that merely returns to the unit's normal level after a few small
+  ones doubles against the short signal all the time, and without the gate such
+  noise took about 7% of the updates of a small MLP on clean data (69 triggers in
+  1000 steps; 23 with the gate; 4 with Delta-GNMR off).
+* Ranking score ``max(GNMR_u / threshold, Delta-GNMR_u / delta_threshold)`` (the
+  second term only under the gate above); non-finite units rank first.
 * Budget: at most ``max_recover`` units are in recovery at once, units still locked
   included. New candidates are taken in score order (``lax.top_k`` over the fixed
   score vector); the others are counted as denied.
@@ -331,7 +335,9 @@ def _control(
 
     score = gnmr_ratio / hyper.threshold
     if hyper.delta_threshold is not None:
-        score = jnp.maximum(score, delta_ratio / hyper.delta_threshold)
+        # A rise that still leaves the norm below the unit's own mean is not a climb.
+        climbing = gnmr_ratio > 1.0
+        score = jnp.maximum(score, jnp.where(climbing, delta_ratio / hyper.delta_threshold, 0.0))
     past_warmup = state.count >= hyper.warmup_steps
     at_risk = ~finite | (past_warmup & (score > 1.0))
 

@@ -367,3 +367,12 @@ def test_a_risk_that_outlasts_the_lock_is_rebaselined():
     assert int(control.triggers) == 1 and int(control.rebaselines) == 1
     assert int(control.recovered_steps) == 4
     np.testing.assert_allclose(control.mean[0], 20.0, rtol=1e-5)
+
+
+def test_delta_gnmr_ignores_a_rise_back_to_the_normal_level():
+    # Long history at 1, two small norms, then 0.9: a ~3x rise against the short
+    # signal but no rise above the unit's mean, so no trigger.
+    norms = [1.0] * 30 + [0.1, 0.1, 0.9]
+    _, states = run(optstab.gnmr(warmup_steps=5), [grads_with(scale_b=x) for x in norms])
+    assert float(states[-1].delta_gnmr[1]) > 2.0 and float(states[-1].gnmr[1]) <= 1.0
+    assert int(states[-1].triggers) == 0
