@@ -68,8 +68,6 @@ so ``optax.inject_hyperparams`` works.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -77,16 +75,11 @@ import jax.numpy as jnp
 import optax
 
 from optstab import tree as otree
+from optstab._checks import check_range as _check
 from optstab.stability.warmup import reset_ramp
 
 ArrayLike = jax.typing.ArrayLike
 ScalarOrSchedule = float | jax.Array | optax.Schedule
-
-
-def _check(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
-    """Raises ``ValueError`` if a concrete Python number is out of range; arrays pass."""
-    if isinstance(value, numbers.Real) and not ok(value):
-        raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 def _f32(x: ArrayLike) -> jax.Array:

@@ -80,6 +80,7 @@ import jax.numpy as jnp
 import optax
 
 from optstab import tree as ot
+from optstab._checks import check_count, check_range
 from optstab.stability.warmup import reset_ramp
 
 PyTree = Any
@@ -150,35 +151,19 @@ class _Decision(NamedTuple):
 # ----------------------------------------------------------------------------- config
 
 
-def _is_concrete_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if _is_concrete_number(value) and not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    _check(name, value, _is_concrete_number(value) and value >= 0, "an integer >= 0")
-
-
 def _validate(
     threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
 ) -> None:
-    _check("threshold", threshold, _is_concrete_number(threshold) and threshold > 0, "> 0")
+    check_range("threshold", threshold, lambda x: x > 0, "> 0")
     if delta_threshold is not None:
-        ok = _is_concrete_number(delta_threshold) and delta_threshold > 0
-        _check("delta_threshold", delta_threshold, ok, "> 0 (or None to disable Delta-GNMR)")
-    _check_int("max_recover", max_recover)
-    _check_int("lock_steps", lock_steps)
-    _check_int("warmup_steps", warmup_steps)
-    _check("decay", decay, _is_concrete_number(decay) and 0 < decay < 1, "in (0, 1)")
-    ok = _is_concrete_number(short_decay) and 0 <= short_decay < 1
-    _check("short_decay", short_decay, ok, "in [0, 1)")
-    _check("eps", eps, _is_concrete_number(eps) and eps > 0, "> 0")
+        allowed = "> 0 (or None to disable Delta-GNMR)"
+        check_range("delta_threshold", delta_threshold, lambda x: x > 0, allowed)
+    check_count("max_recover", max_recover)
+    check_count("lock_steps", lock_steps)
+    check_count("warmup_steps", warmup_steps)
+    check_range("decay", decay, lambda x: 0 < x < 1, "in (0, 1)")
+    check_range("short_decay", short_decay, lambda x: 0 <= x < 1, "in [0, 1)")
+    check_range("eps", eps, lambda x: x > 0, "> 0")
 
 
 def _normalize_actions(action: str | Sequence[str], allow_inner: bool) -> frozenset[str]:
@@ -199,6 +184,38 @@ def _check_static_options(mean_mode: str, short_window: int | None) -> None:
         raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
     if short_window is not None and (not isinstance(short_window, int) or short_window < 1):
         raise ValueError(f"short_window must be None or an int >= 1, got {short_window!r}")
+
+
+def _configure(
+    threshold,
+    delta_threshold,
+    max_recover,
+    lock_steps,
+    warmup_steps,
+    decay,
+    short_decay,
+    eps,
+    action,
+    mean_mode,
+    short_window,
+    *,
+    allow_inner: bool,
+) -> tuple[frozenset[str], tuple]:
+    """Validates a GNMR configuration; returns the actions and the hyperparameters."""
+    hyper_args = (
+        threshold,
+        delta_threshold,
+        max_recover,
+        lock_steps,
+        warmup_steps,
+        decay,
+        short_decay,
+        eps,
+    )
+    _validate(*hyper_args)
+    actions = _normalize_actions(action, allow_inner)
+    _check_static_options(mean_mode, short_window)
+    return actions, hyper_args
 
 
 def _as_hyper(
@@ -473,13 +490,9 @@ def gnmr(
     References:
       Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
     """
-    _validate(
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
-    )
-    actions = _normalize_actions(action, allow_inner=False)
-    _check_static_options(mean_mode, short_window)
-    hyper_args = (
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    actions, hyper_args = _configure(
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay,
+        eps, action, mean_mode, short_window, allow_inner=False,
     )  # fmt: skip
 
     def init_fn(params: PyTree) -> GNMRState:
@@ -553,15 +566,11 @@ def gnmr_wrap(
     References:
       Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
     """
-    _validate(
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
-    )
-    actions = _normalize_actions(action, allow_inner=True)
-    _check_int("reset_warmup_steps", reset_warmup_steps)
-    _check_static_options(mean_mode, short_window)
-    hyper_args = (
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    actions, hyper_args = _configure(
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay,
+        eps, action, mean_mode, short_window, allow_inner=True,
     )  # fmt: skip
+    check_count("reset_warmup_steps", reset_warmup_steps)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> GNMRWrapState:
