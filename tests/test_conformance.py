@@ -111,6 +111,16 @@ def test_no_recompilation_on_second_call(case):
     assert cf.quadratic_loss(params2) < cf.quadratic_loss(params)
 
 
+def test_state_from_plain_init_can_be_donated(case):
+    # Donating params and optimizer state is the usual train step; it fails if init
+    # puts one buffer into two state fields ("donate the same buffer twice").
+    tx = cf.get_tx(case)
+    params = cf.init_params("quadratic", 0)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(1,))
+    updates, _ = step(params, tx.init(params), _quadratic_grads(params))
+    assert all(np.all(np.isfinite(np.asarray(u))) for u in jax.tree.leaves(updates))
+
+
 # ------------------------------------------------------------------ optax wrappers
 
 

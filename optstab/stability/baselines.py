@@ -420,8 +420,9 @@ def zclip(
 
     def init_fn(params):
         del params
-        zero, zero_count = jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32)
-        return ZClipState(count=zero_count, mean=zero, var=zero, num_clipped=zero_count)
+        # A fresh buffer per field, so that the state can be donated to a jitted step.
+        f32, i32 = (lambda: jnp.zeros([], jnp.float32)), (lambda: jnp.zeros([], jnp.int32))
+        return ZClipState(count=i32(), mean=f32(), var=f32(), num_clipped=i32())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

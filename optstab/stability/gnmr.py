@@ -239,27 +239,27 @@ def _as_hyper(
 
 
 def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRState:
+    # Every field gets its own buffer, so that the state can be donated to a jitted step.
     num = partition.num_units
-    zeros_f = jnp.zeros((num,), jnp.float32)
-    zeros_i = jnp.zeros((num,), jnp.int32)
-    scalar = jnp.zeros((), jnp.int32)
+    per_unit = lambda dtype, fill=0: jnp.full((num,), fill, dtype)
+    counter = lambda: jnp.zeros((), jnp.int32)
     short_shape = (num,) if short_window is None else (num, short_window)
     return GNMRState(
-        count=scalar,
-        norm=zeros_f,
-        mean=zeros_f,
-        mean_count=zeros_i,
+        count=counter(),
+        norm=per_unit(jnp.float32),
+        mean=per_unit(jnp.float32),
+        mean_count=per_unit(jnp.int32),
         short=jnp.zeros(short_shape, jnp.float32),
-        short_count=zeros_i,
-        gnmr=jnp.ones((num,), jnp.float32),
-        delta_gnmr=jnp.ones((num,), jnp.float32),
-        lock=zeros_i,
-        recovering=jnp.zeros((num,), bool),
-        triggers=scalar,
-        denied=scalar,
-        recovered_steps=scalar,
-        nonfinite=scalar,
-        rebaselines=scalar,
+        short_count=per_unit(jnp.int32),
+        gnmr=per_unit(jnp.float32, 1),
+        delta_gnmr=per_unit(jnp.float32, 1),
+        lock=per_unit(jnp.int32),
+        recovering=per_unit(bool),
+        triggers=counter(),
+        denied=counter(),
+        recovered_steps=counter(),
+        nonfinite=counter(),
+        rebaselines=counter(),
         units=UnitNames(partition.names),
     )
 
