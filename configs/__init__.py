@@ -1,0 +1,1 @@
+"""Benchmark configurations: ``configs/<study>.py`` defines ``get_config(size)``."""
