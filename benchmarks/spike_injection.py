@@ -279,7 +279,7 @@ def make_train(name: str, config: ml_collections.ConfigDict, split: data_lib.Spl
             updates, new_state, handed_on = method_update(method, grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             acted = acted_units(name, method, opt_state, new_state, grads, handed_on, names)
-            out = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+            out = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
             event = schedule["event"][t] & inject_spikes
             if acted is not None:
                 out["caught"] = event & acted[schedule["unit"][t]]

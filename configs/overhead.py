@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import new_config
+
 METHODS = (
     "adamw",
     "gnmr_chain",
@@ -18,10 +20,7 @@ METHODS = (
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     """``size`` is ``"quick"`` (few timed repeats) or ``"full"`` (more repeats)."""
-    if size not in ("quick", "full"):
-        raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
-    c = ml_collections.ConfigDict()
-    c.size = size
+    c = new_config(size)
     c.methods = METHODS
     c.seed = 0
     # A ~21M-parameter MLP: 1024 -> 5 x 2048 -> 1000 classes, on random data.

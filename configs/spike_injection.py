@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import new_config
+
 METHODS = (
     "clean",
     "none",
@@ -40,10 +42,7 @@ METHODS = (
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     """``size`` is ``"quick"`` (CPU, a few minutes in all) or ``"full"``."""
-    if size not in ("quick", "full"):
-        raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
-    c = ml_collections.ConfigDict()
-    c.size = size
+    c = new_config(size)
     c.methods = METHODS
     c.seed = 0  # seed s of the study uses fold_in(key(seed), s)
     c.num_seeds = 5 if size == "quick" else 10

@@ -127,7 +127,7 @@ class GNMRWrapState(NamedTuple):
 
 
 class _Hyper(NamedTuple):
-    """Hyperparameters as float32/int32 arrays (they may be traced)."""
+    """Hyperparameters: as given at construction, then as arrays in each update."""
 
     threshold: jax.Array
     delta_threshold: jax.Array | None
@@ -151,19 +151,17 @@ class _Decision(NamedTuple):
 # ----------------------------------------------------------------------------- config
 
 
-def _validate(
-    threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
-) -> None:
-    check_range("threshold", threshold, lambda x: x > 0, "> 0")
-    if delta_threshold is not None:
+def _validate(hyper: _Hyper) -> None:
+    check_range("threshold", hyper.threshold, lambda x: x > 0, "> 0")
+    if hyper.delta_threshold is not None:
         allowed = "> 0 (or None to disable Delta-GNMR)"
-        check_range("delta_threshold", delta_threshold, lambda x: x > 0, allowed)
-    check_count("max_recover", max_recover)
-    check_count("lock_steps", lock_steps)
-    check_count("warmup_steps", warmup_steps)
-    check_range("decay", decay, lambda x: 0 < x < 1, "in (0, 1)")
-    check_range("short_decay", short_decay, lambda x: 0 <= x < 1, "in [0, 1)")
-    check_range("eps", eps, lambda x: x > 0, "> 0")
+        check_range("delta_threshold", hyper.delta_threshold, lambda x: x > 0, allowed)
+    check_count("max_recover", hyper.max_recover)
+    check_count("lock_steps", hyper.lock_steps)
+    check_count("warmup_steps", hyper.warmup_steps)
+    check_range("decay", hyper.decay, lambda x: 0 < x < 1, "in (0, 1)")
+    check_range("short_decay", hyper.short_decay, lambda x: 0 <= x < 1, "in [0, 1)")
+    check_range("eps", hyper.eps, lambda x: x > 0, "> 0")
 
 
 def _normalize_actions(action: str | Sequence[str], allow_inner: bool) -> frozenset[str]:
@@ -187,51 +185,27 @@ def _check_static_options(mean_mode: str, short_window: int | None) -> None:
 
 
 def _configure(
-    threshold,
-    delta_threshold,
-    max_recover,
-    lock_steps,
-    warmup_steps,
-    decay,
-    short_decay,
-    eps,
-    action,
-    mean_mode,
-    short_window,
-    *,
-    allow_inner: bool,
-) -> tuple[frozenset[str], tuple]:
-    """Validates a GNMR configuration; returns the actions and the hyperparameters."""
-    hyper_args = (
-        threshold,
-        delta_threshold,
-        max_recover,
-        lock_steps,
-        warmup_steps,
-        decay,
-        short_decay,
-        eps,
-    )
-    _validate(*hyper_args)
-    actions = _normalize_actions(action, allow_inner)
+    hyper: _Hyper, action, mean_mode, short_window, *, allow_inner: bool
+) -> frozenset[str]:
+    """Validates a GNMR configuration (``hyper`` as given); returns the actions."""
+    _validate(hyper)
     _check_static_options(mean_mode, short_window)
-    return actions, hyper_args
+    return _normalize_actions(action, allow_inner)
 
 
-def _as_hyper(
-    threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
-) -> _Hyper:
+def _as_arrays(hyper: _Hyper) -> _Hyper:
+    """The hyperparameters as float32 / int32 arrays (they may be traced)."""
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     i32 = lambda x: jnp.asarray(x).astype(jnp.int32)
     return _Hyper(
-        threshold=f32(threshold),
-        delta_threshold=None if delta_threshold is None else f32(delta_threshold),
-        max_recover=i32(max_recover),
-        lock_steps=i32(lock_steps),
-        warmup_steps=i32(warmup_steps),
-        decay=f32(decay),
-        short_decay=f32(short_decay),
-        eps=f32(eps),
+        threshold=f32(hyper.threshold),
+        delta_threshold=None if hyper.delta_threshold is None else f32(hyper.delta_threshold),
+        max_recover=i32(hyper.max_recover),
+        lock_steps=i32(hyper.lock_steps),
+        warmup_steps=i32(hyper.warmup_steps),
+        decay=f32(hyper.decay),
+        short_decay=f32(hyper.short_decay),
+        eps=f32(hyper.eps),
     )
 
 
@@ -490,10 +464,10 @@ def gnmr(
     References:
       Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
     """
-    actions, hyper_args = _configure(
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay,
-        eps, action, mean_mode, short_window, allow_inner=False,
-    )  # fmt: skip
+    hyper = _Hyper(
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    )
+    actions = _configure(hyper, action, mean_mode, short_window, allow_inner=False)
 
     def init_fn(params: PyTree) -> GNMRState:
         return _init_state(ot.make_partition(params, units), short_window)
@@ -501,7 +475,7 @@ def gnmr(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         partition = ot.make_partition(updates, units)
-        decision, state = _control(partition, updates, state, _as_hyper(*hyper_args), mean_mode)
+        decision, state = _control(partition, updates, state, _as_arrays(hyper), mean_mode)
         updates, _ = _act_on_gradient(partition, updates, decision, actions)
         return updates, state
 
@@ -566,10 +540,10 @@ def gnmr_wrap(
     References:
       Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
     """
-    actions, hyper_args = _configure(
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay,
-        eps, action, mean_mode, short_window, allow_inner=True,
-    )  # fmt: skip
+    hyper = _Hyper(
+        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
+    )
+    actions = _configure(hyper, action, mean_mode, short_window, allow_inner=True)
     check_count("reset_warmup_steps", reset_warmup_steps)
     inner = optax.with_extra_args_support(inner)
 
@@ -580,8 +554,7 @@ def gnmr_wrap(
 
     def update_fn(updates, state, params=None, **extra_args):
         partition = ot.make_partition(updates, units)
-        hyper = _as_hyper(*hyper_args)
-        decision, control = _control(partition, updates, state.gnmr, hyper, mean_mode)
+        decision, control = _control(partition, updates, state.gnmr, _as_arrays(hyper), mean_mode)
         grads, frozen = _act_on_gradient(partition, updates, decision, actions)
         inner_state, reset_age = state.inner, state.reset_age
         if "reset" in actions:

@@ -1,0 +1,53 @@
+"""Smoke tests of the studies on tiny configs: they run, report and write what they say.
+
+They assert the structure of results, not the figures: the figures come from
+``make bench`` and are reported, never asserted by tests.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from benchmarks import overhead, reporting, spike_injection
+from configs import overhead as overhead_config
+from configs import spike_injection as spike_config
+
+
+def test_spike_injection_runs_on_a_tiny_config(tmp_path):
+    config = spike_config.get_config("quick")
+    config.methods = ("clean", "none", "clip_by_global_norm", "gnmr_clip", "gnmr_skip_budget2")
+    config.num_seeds, config.num_steps, config.spike_start = 2, 60, 10
+    config.hidden = (16,)
+    result = spike_injection.run(config)
+    methods = result["summary"]["methods"]
+    assert set(methods) == set(config.methods)
+    assert methods["none"]["spikes_injected"] > 0 and methods["clean"]["spikes_injected"] == 0
+    assert 0.0 <= methods["gnmr_clip"]["recovery_rate"] <= 1.0
+    assert all(0.0 <= m["test_acc"] <= 1.0 for m in methods.values())
+    path = reporting.write_json(result, tmp_path / "spike.json")
+    assert json.loads(path.read_text())["summary"]["methods"].keys() == methods.keys()
+    assert spike_injection.plot(result, tmp_path / "spike.png").exists()
+    assert "gnmr_clip" in spike_injection.table(result)
+
+
+def test_overhead_reports_ratios_against_adamw(tmp_path):
+    config = overhead_config.get_config("quick")
+    config.methods = ("adamw", "gnmr_chain", "gnmr_wrap")
+    config.sizes, config.batch_size = (32, 64, 10), 8
+    config.warmup_rounds, config.step_repeats, config.update_repeats = 1, 2, 2
+    result = overhead.run(config)
+    summary = result["summary"]
+    assert summary["time_ratio"]["adamw"] == 1.0 and summary["memory_ratio"]["adamw"] == 1.0
+    assert np.isfinite(summary["memory_ratio"]["gnmr_wrap"])
+    assert summary["memory_ratio"]["gnmr_wrap"] >= summary["memory_ratio"]["gnmr_chain"]
+    assert overhead.plot(result, tmp_path / "overhead.png").exists()
+
+
+def test_cli_rejects_an_unknown_study_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "nonsense"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "unknown study" in done.stderr
