@@ -263,7 +263,7 @@ def make_train(name: str, config: ml_collections.ConfigDict, split: data_lib.Spl
 
     def train_one(setup, x_train, y_train, x_test, y_test):
         params, schedule = setup["params"], setup["schedule"]
-        names = _leaf_names(params)
+        names = optstab.tree.leaf_names(params)
         pre_state = None if method.pre is None else method.pre.init(params)
         opt_state = (pre_state, method.main.init(params))
         init_test_loss = models.cross_entropy(params, x_test, y_test)
@@ -330,11 +330,6 @@ def make_setup(config: ml_collections.ConfigDict, split: data_lib.Split) -> dict
         return {"params": params, "batches": batches, "schedule": schedule}
 
     return jax.jit(jax.vmap(setup))(seed_keys(config))
-
-
-def _leaf_names(params: Any) -> list[str]:
-    """'/'-joined key paths of the leaves, in flattening order (optstab's unit names)."""
-    return optstab.tree.leaf_names(params)
 
 
 def seed_keys(config: ml_collections.ConfigDict) -> jax.Array:
@@ -466,7 +461,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         methods.insert(0, "clean")
     setup = make_setup(config, split)
     first = jax.tree.map(lambda leaf: leaf[0], setup["params"])
-    units = _leaf_names(first)
+    units = optstab.tree.leaf_names(first)
     raw: dict[str, dict] = {}
     timing: dict[str, dict] = {}
     clip = float("nan")

@@ -320,8 +320,8 @@ def _control(
         )
     norm = ot.unit_norms(partition, updates)
     finite = jnp.isfinite(norm)
-    mean = state.mean
-    gnmr_ratio = _ratio(norm, mean, state.mean_count > 0, hyper.eps)
+    has_mean = state.mean_count > 0
+    gnmr_ratio = _ratio(norm, state.mean, has_mean, hyper.eps)
     delta_ratio = _ratio(norm, _short_mean(state), state.short_count > 0, hyper.eps)
 
     score = gnmr_ratio / hyper.threshold
@@ -339,8 +339,7 @@ def _control(
     recovering = locked | entered
     lock = jnp.where(entered, hyper.lock_steps, jnp.maximum(state.lock - 1, 0))
 
-    has_mean = state.mean_count > 0
-    bar = hyper.threshold * mean
+    bar = hyper.threshold * state.mean
     clip_factor = jnp.where(has_mean & (norm > bar), bar / jnp.maximum(norm, 1e-30), 1.0)
     clip_factor = jnp.where(finite, clip_factor, 1.0)
 
