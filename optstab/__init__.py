@@ -4,7 +4,7 @@ The methods are reconstructed from the papers' abstracts (their full texts and c
 are not available); see each module's docstring for what is ours.
 """
 
-from optstab import checkpoint, tree
+from optstab import checkpoint, lowprec, perturb, tree
 from optstab.stability import baselines, units
 from optstab.stability.baselines import adagc, skip_step, spam, zclip
 from optstab.stability.gnmr import (
@@ -29,6 +29,8 @@ __all__ = [
     "gnmr",
     "gnmr_metrics",
     "gnmr_wrap",
+    "lowprec",
+    "perturb",
     "recovery_mask",
     "skip_step",
     "spam",
