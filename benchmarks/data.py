@@ -1,8 +1,9 @@
 """Small offline data sets for the studies.
 
-The scikit-learn digits set (1797 images of 8x8 pixels, 10 classes) ships inside
-scikit-learn, so the studies need no download. Features are standardised with the
-mean and standard deviation of the training split only.
+Both ship inside scikit-learn, so the studies need no download: digits (1797 images of
+8x8 pixels, 10 classes) and breast cancer Wisconsin (569 tumours, 30 features, binary
+label: 1 = benign). Splits are stratified by label with a fixed seed, and features are
+standardised with the mean and standard deviation of the training split only.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
 
 class Split(NamedTuple):
     """A train/test split as float32 features and int32 labels."""
 
-    x_train: np.ndarray  # (n_train, 64) float32
+    x_train: np.ndarray  # (n_train, num_features) float32
     y_train: np.ndarray  # (n_train,) int32
-    x_test: np.ndarray  # (n_test, 64) float32
+    x_test: np.ndarray  # (n_test, num_features) float32
     y_test: np.ndarray  # (n_test,) int32
 
     @property
@@ -31,18 +32,27 @@ class Split(NamedTuple):
         return int(max(self.y_train.max(), self.y_test.max())) + 1
 
 
-def digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
-    """Digits, split stratified by class with ``seed``, standardised on the train part."""
-    x, y = load_digits(return_X_y=True)
+def standardized_split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float) -> Split:
+    """A stratified split of ``(x, y)``, standardised on the train part."""
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)
-    std = np.where(std > 0, std, 1.0)  # a few border pixels are always 0
+    std = np.where(std > 0, std, 1.0)  # constant features (digits' border pixels)
     return Split(
         ((x_train - mean) / std).astype(np.float32),
         y_train.astype(np.int32),
         ((x_test - mean) / std).astype(np.float32),
         y_test.astype(np.int32),
     )
+
+
+def digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
+    """Digits (64 features, 10 classes)."""
+    return standardized_split(*load_digits(return_X_y=True), seed, test_fraction)
+
+
+def breast_cancer(seed: int = 0, test_fraction: float = 0.25) -> Split:
+    """Breast cancer Wisconsin (30 features, binary labels)."""
+    return standardized_split(*load_breast_cancer(return_X_y=True), seed, test_fraction)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks import reporting
 
-STUDIES = ("spike_injection", "overhead")
+STUDIES = ("spike_injection", "overhead", "perturbed_sgd")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,11 +8,13 @@ for the perturbed run, the gradient error of each block against the *clean gradi
 the same iterate*, so the error is the perturbation's effect alone, not the drift
 between the two trajectories.
 
-Outcome labels (the definitions are ours, after the reconstruction in our notes):
-the perturbed run has *diverged* if its loss or parameters ever become non-finite, its
-loss exceeds ``divergence_factor`` times its initial loss, or its parameter norm exceeds
-``radius``; otherwise it has *recovered* if at step ``t0 + horizon`` its loss is within
-``tolerance`` (relative) of the clean run's, and is *lingering* if not. The recovery
+Outcome labels (the definitions are ours, after the reconstruction in our notes), all
+judged at the check step ``t0 + horizon`` (the last step by default): the perturbed run
+has *diverged* if its loss or parameters were ever non-finite, or if at the check step
+its loss exceeds ``divergence_factor`` times its initial loss or its parameter norm
+exceeds ``radius``; otherwise it has *recovered* if at the check step its loss is within
+``tolerance`` (relative) of the clean run's, and is *lingering* if not. A transient
+blow-up that has healed by the check step therefore counts as recovered, not diverged. The recovery
 time is the number of steps after ``t0`` until the perturbed loss enters that band and
 stays there to the end of the run.
 """
@@ -110,11 +112,13 @@ def classify_outcome(
     steps = trace.loss.shape[0]
     horizon = steps - 1 if horizon is None else horizon
     loss = trace.loss
+    check_at = jnp.minimum(jnp.asarray(t0) + horizon, steps - 1)
     finite = jnp.all(jnp.isfinite(loss)) & jnp.all(jnp.isfinite(trace.param_norm))
-    too_large = jnp.any(loss > divergence_factor * loss[0]) | jnp.any(trace.param_norm > radius)
+    too_large = (loss[check_at] > divergence_factor * loss[0]) | (
+        trace.param_norm[check_at] > radius
+    )
     diverged = ~finite | too_large
     in_band = loss <= (1.0 + tolerance) * trace.loss_clean
-    check_at = jnp.minimum(jnp.asarray(t0) + horizon, steps - 1)
     t = jnp.arange(steps)
     outside_after_t0 = (t >= t0) & ~in_band
     last_outside = jnp.max(jnp.where(outside_after_t0, t, jnp.asarray(t0) - 1))
