@@ -17,6 +17,9 @@ Regularisers: convex ``lambda ||w||^2`` (deep_linear and convex problems) and
 non-convex ``lambda sum w^2 / (1 + w^2)`` (tanh problem in statement 7).
 
 Statements (sizes, steps and pass criteria are in ``configs/perturbed_sgd.py``).
+0. At size 0 the perturbation points are exact identities (same bits) and cost nothing
+   measurable: median step time of the tanh chain with every point at a traced size 0
+   over the same step without points (and, for scale, at a small size).
 1. Backward noise at operator k leaves blocks j > k exactly unchanged and changes block
    j <= k by at most M_j prod_{i=j+1..k} L_i ||xi|| (exact Jacobian norms at the probe
    point); reported: the largest and median of measured / bound.
@@ -61,7 +64,7 @@ from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
 from benchmarks import data as data_lib
-from benchmarks import reporting
+from benchmarks import measure, reporting
 from optstab import perturb
 
 PROBLEMS = ("deep_linear", "tanh")
@@ -322,19 +325,19 @@ def rates(config, x, y) -> dict:
 
     keys = jax.random.split(jax.random.key(config.seed + 5), config.rate_seeds)
 
-    def mean_curves(schedule):
-        pert, clean = jax.jit(jax.vmap(lambda k: excess(schedule, k)))(keys)
-        return np.asarray(pert, np.float64).mean(0), np.asarray(clean, np.float64).mean(0)
+    def mean_over_orders(schedule):
+        pert, clean = jax.vmap(lambda k: excess(schedule, k))(keys)
+        return pert.mean(0), clean.mean(0)
 
+    decaying_run = jax.jit(lambda: mean_over_orders(perturb.inverse_sqrt(config.rate_decay_size)))
+    constant_runs = jax.jit(jax.vmap(lambda c: mean_over_orders(perturb.constant(c))[0]))
+    decaying, clean = (np.asarray(v, np.float64) for v in decaying_run())
+    plateaus = np.asarray(constant_runs(jnp.asarray(config.plateau_sizes, jnp.float32)))
     t = np.arange(1, steps + 1)
     tail = slice(steps // 4, steps)
-    decaying, clean = mean_curves(perturb.inverse_sqrt(config.rate_decay_size))
     slope_clean, _, _ = fit_line(np.log(t[tail]), np.log(clean[tail]))
     slope_decaying, _, _ = fit_line(np.log(t[tail]), np.log(decaying[tail]))
-    levels = []
-    for size in config.plateau_sizes:
-        curve, _ = mean_curves(perturb.constant(size))
-        levels.append(float(curve[-config.plateau_window :].mean()))
+    levels = [float(v) for v in plateaus[:, -config.plateau_window :].mean(axis=1)]
     exponent, _, r2 = fit_line(np.log(config.plateau_sizes), np.log(levels))
     stride = max(1, steps // 400)
     return {
@@ -467,8 +470,11 @@ def threshold(config, x, y) -> dict:
 
 
 def example_run(config, x, y) -> dict:
-    """Loss curves of one Poisson-spike run on the tanh chain, for the plot."""
-    n = config.num_operators
+    """Loss curves of Poisson-spike runs on the tanh chain, for the plot.
+
+    The same spike train (relative backward noise) hits either the output operator only
+    or every operator at once, which shows how the perturbations compound.
+    """
     model = chain("tanh", config, backward_mode="relative")
     params = model.init(jax.random.key(config.seed), x.shape[1])
     spikes = perturb.poisson_spikes(
@@ -478,26 +484,85 @@ def example_run(config, x, y) -> dict:
         config.example_duration,
         start=100,
     )
-    result = jax.jit(
-        lambda p: perturb.run_sgd(
+
+    def run(where):
+        return perturb.run_sgd(
             model,
-            p,
+            params,
             x,
             y,
             num_steps=config.threshold_steps,
             learning_rate=config.threshold_lr,
-            perturbation=perturb.Perturbation(backward=spikes),
+            perturbation=perturb.Perturbation(backward=where),
             batch_size=config.threshold_batch,
             eval_data=(x, y),
+            divergence_factor=config.divergence_factor,
         )
-    )(params)
-    trace = result.trace
+
+    out = {}
+    for name, where in (("output_operator", {-1: spikes}), ("every_operator", spikes)):
+        result = jax.jit(lambda where=where: run(where))()
+        trace = result.trace
+        out[name] = {
+            "loss": np.asarray(trace.loss).tolist(),
+            "clean": np.asarray(trace.loss_clean).tolist(),
+            "spike": (np.asarray(trace.backward_size)[:, -1] > 0).tolist(),
+            "outcome": perturb.OUTCOMES[int(result.outcome)],
+        }
+    return out
+
+
+def zero_scale_cost(config, x, y) -> dict:
+    """Statement 0: at size 0 the perturbation points are identities and cost nothing.
+
+    Times one jitted full-batch SGD step of the tanh chain without perturbation points
+    (``injection=None``), with every point present at a traced size 0, and at size
+    ``probe_size``; medians of interleaved rounds after compilation, as ratios to the
+    step without points measured in the same run. Bits: the forward and backward points
+    at a traced size 0 return their input exactly (every operator output checked).
+    """
+    n = config.num_operators
+    model = chain("tanh", config, forward_mode="relative", backward_mode="relative")
+    params = model.init(jax.random.key(config.seed), x.shape[1])
+    noise = perturb.operator_keys(jax.random.key(config.seed + 7), 0, n)
+
+    def step(state):
+        params, sizes = state
+        injection = None if sizes is None else model.make_injection(noise, sizes, sizes)
+        grads = model.gradient(params, x, y, injection)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), sizes
+
+    variants = {
+        "no_points": (params, None),
+        "size_0": (params, jnp.zeros((n,), jnp.float32)),
+        "size_small": (params, jnp.full((n,), config.probe_size, jnp.float32)),
+    }
+    steps, compile_s = {}, {}
+    for name, state in variants.items():
+        compiled, seconds = measure.compile_timed(step, state)
+        steps[name], compile_s[name] = compiled, seconds
+    times, _ = measure.interleaved_times(
+        steps, variants, repeats=config.timing_repeats, warmup=5, desc="size-0 cost"
+    )
+    medians = {name: measure.median(t) for name, t in times.items()}
+
+    @jax.jit
+    def points_return_input(sizes):
+        outputs = model.activations(params, x)
+        same = []
+        for i, z in enumerate(outputs):
+            fwd = perturb.forward(z, noise[i, 0], sizes[i])
+            bwd = perturb.backward(z, noise[i, 1], sizes[i])
+            same.append(jnp.all(fwd == z) & jnp.all(bwd == z))
+            same.append(jnp.all(jnp.signbit(fwd) == jnp.signbit(z)))
+        return jnp.all(jnp.stack(same))
+
     return {
-        "loss": np.asarray(trace.loss).tolist(),
-        "clean": np.asarray(trace.loss_clean).tolist(),
-        "spike": (np.asarray(trace.backward_size)[:, 0] > 0).tolist(),
-        "outcome": perturb.OUTCOMES[int(result.outcome)],
-        "num_operators": n,
+        "median_step_s": medians,
+        "compile_s": compile_s,
+        "ratio_size_0": medians["size_0"] / medians["no_points"],
+        "ratio_size_small": medians["size_small"] / medians["no_points"],
+        "identity_bits": bool(points_return_input(jnp.zeros((n,), jnp.float32))),
     }
 
 
@@ -535,7 +600,19 @@ def statements(r: dict, config) -> list[dict]:
     }
     median_ratios = {k: np.median(ratios[k], axis=0).tolist() for k in PROBLEMS}
     ends = all((ratios[k][:, 0] > 1).all() and (ratios[k][:, -1] < 1).all() for k in PROBLEMS)
+    cost = r["zero_cost"]
     return [
+        statement(
+            0,
+            "at size 0 the perturbation points are exact identities and cost nothing measurable",
+            {
+                "identity_bits": cost["identity_bits"],
+                "step_time_ratio_size_0": cost["ratio_size_0"],
+                "step_time_ratio_size_small": cost["ratio_size_small"],
+            },
+            f"same bits; step time / no points <= {config.zero_cost_ratio}",
+            cost["identity_bits"] and cost["ratio_size_0"] <= config.zero_cost_ratio,
+        ),
         statement(
             1,
             "backward noise at operator k leaves blocks j > k unchanged and moves block "
@@ -720,10 +797,17 @@ def plot(result: dict, path) -> Any:
 
     ax = axes[0, 0]
     example = raw["example"]
-    steps = np.arange(len(example["loss"]))
-    ax.plot(steps, example["clean"], label="clean", lw=1.0)
-    ax.plot(steps, example["loss"], label=f"Poisson spikes ({example['outcome']})", lw=1.0)
-    for t in steps[np.asarray(example["spike"], bool)]:
+    first = example["output_operator"]
+    steps = np.arange(len(first["loss"]))
+    ax.plot(steps, first["clean"], label="tanh chain, clean", lw=1.0)
+    for name, run in example.items():
+        ax.plot(
+            steps,
+            run["loss"],
+            lw=1.0,
+            label=f"spikes at {name.replace('_', ' ')}: {run['outcome']}",
+        )
+    for t in steps[np.asarray(first["spike"], bool)]:
         ax.axvline(t, color="tab:red", alpha=0.15, lw=0.8)
     rec = raw["recovery"]
     t0 = result["config"]["spike_t0"]

@@ -71,7 +71,11 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.example_size = 30.0
     c.example_duration = 3
 
+    # Statement 0: timed rounds of the full-batch step (medians after compilation).
+    c.timing_repeats = 100 if quick else 500
+
     # Pass criteria of the statements.
+    c.zero_cost_ratio = 1.05  # statement 0: step time with size-0 points / without
     c.bound_tolerance = 1e-3  # statement 1: measured / bound <= 1 + this
     c.linearity_slope = (0.95, 1.05)  # statement 3
     c.rate_slope_gap = 0.2  # statement 5: |slope(decaying) - slope(clean)|

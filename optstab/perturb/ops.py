@@ -23,8 +23,9 @@ and the incoming cotangent for :func:`backward`, norms over the whole array):
   stochastic; values beyond the format's range saturate). ``scale = 1`` is the plain
   cast; other values blend it, which keeps ``scale`` a continuous knob.
 
-At ``scale == 0`` both operators are exact identities, bit for bit (a ``jnp.where``
-picks the input), and when ``scale`` is the Python number 0 they are not even traced.
+At ``scale == 0`` both operators are exact identities, bit for bit: a ``lax.cond``
+returns the input and skips the noise at run time, and when ``scale`` is the Python
+number 0 they are not even traced.
 The noise is computed in float32 and added in the dtype of ``v``.
 """
 
@@ -75,9 +76,17 @@ def perturbation(v: jax.Array, key: jax.Array, scale: jax.Array, spec: PerturbSp
 
 
 def apply_perturbation(v: jax.Array, key: jax.Array, scale: jax.Array, spec: PerturbSpec):
-    """``v + delta`` in ``v``'s dtype, and exactly ``v`` where ``scale == 0``."""
-    perturbed = (v.astype(jnp.float32) + perturbation(v, key, scale, spec)).astype(v.dtype)
-    return jnp.where(jnp.asarray(scale) == 0, v, perturbed)
+    """``v + delta`` in ``v``'s dtype, and exactly ``v`` where ``scale == 0``.
+
+    A ``lax.cond`` skips the noise at run time when ``scale`` is 0 (under ``vmap`` it
+    becomes a select and both sides are computed; the result is still exactly ``v``).
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+
+    def perturbed():
+        return (v.astype(jnp.float32) + perturbation(v, key, scale, spec)).astype(v.dtype)
+
+    return jax.lax.cond(scale == 0, lambda: v, perturbed)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -199,6 +199,9 @@ def run_sgd(
     perturbation = Perturbation() if perturbation is None else perturbation
     lr_schedule = schedules.as_schedule(learning_rate)
     data_key, perturb_key = schedules.as_key(data_key), schedules.as_key(perturb_key)
+    x, y = jnp.asarray(x), jnp.asarray(y)  # numpy data cannot be indexed by traced indices
+    if eval_data is not None:
+        eval_data = (jnp.asarray(eval_data[0]), jnp.asarray(eval_data[1]))
     n = model.num_operators
 
     def step_fn(carry, t):

@@ -51,3 +51,27 @@ def test_cli_rejects_an_unknown_study_in_one_line():
     )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "unknown study" in done.stderr
+
+
+def test_perturbed_sgd_reports_every_statement(tmp_path):
+    from benchmarks import perturbed_sgd
+    from configs import perturbed_sgd as perturbed_config
+
+    config = perturbed_config.get_config("quick")
+    config.num_seeds, config.num_operators, config.probe_keys, config.probe_batch = 2, 3, 2, 8
+    config.rate_steps, config.rate_seeds, config.optimum_steps = 300, 2, 300
+    config.plateau_sizes, config.plateau_window = (0.1, 0.4), 20
+    config.spike_steps, config.spike_t0, config.spike_sizes = 200, 20, (1.0, 10.0, 100.0)
+    config.threshold_steps, config.threshold_sizes = 60, (0.5, 2.0)
+    result = perturbed_sgd.run(config)
+    statements = result["summary"]["statements"]
+    assert [s["id"] for s in statements] == [1, 2, 3, 4, 5, 6, "7a", "7b"]
+    for s in statements:
+        assert set(s) == {"id", "claim", "measured", "expected", "passed"}
+        assert isinstance(s["passed"], bool)
+    # Statement 1 is exact on any problem: later blocks compare equal bit for bit.
+    assert statements[0]["measured"]["later_blocks_exactly_unchanged"] is True
+    path = reporting.write_json(result, tmp_path / "perturbed_sgd.json")
+    assert len(json.loads(path.read_text())["summary"]["statements"]) == 8
+    assert perturbed_sgd.plot(result, tmp_path / "perturbed_sgd.png").exists()
+    assert "statements pass" in perturbed_sgd.table(result)
