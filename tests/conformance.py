@@ -164,6 +164,21 @@ def _skip_step():
     return make, make_injected
 
 
+def _perturbed_updates():
+    # A decaying relative perturbation of the gradient (the lab's gradient-level stress);
+    # its key lives in the state, so the suite's key handling is exercised too.
+    def make(lr):
+        tx = _optstab().perturb.perturbed_updates(_optstab().perturb.inverse_sqrt(0.1), key=0)
+        return optax.chain(tx, optax.adam(lr))
+
+    def make_injected(lr):
+        factory = _inject(_optstab().perturb.perturbed_updates, static_args=("mode",))
+        scale = _optstab().perturb.inverse_sqrt(0.1)  # a schedule of inject's own count
+        return optax.chain(factory(scale, key=0), _injected_adam(lr))
+
+    return make, make_injected
+
+
 def _case(name: str, makers, requires=None, **kw) -> Case:
     make, make_injected = makers
     return Case(name, make, make_injected, requires=requires, **kw)
@@ -184,6 +199,7 @@ CASES: tuple[Case, ...] = (
     _case("zclip", _chained_baseline("zclip", ZCLIP_KW), (_BASE, "zclip")),
     _case("adagc", _chained_baseline("adagc", ADAGC_KW), (_BASE, "adagc")),
     _case("skip_step", _skip_step(), (_BASE, "skip_step")),
+    _case("perturbed_updates", _perturbed_updates(), ("optstab.perturb", "perturbed_updates")),
 )
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -352,9 +368,23 @@ def tree_dtypes(tree: PyTree) -> PyTree:
 
     def describe(x):
         x = x if hasattr(x, "dtype") and hasattr(x, "shape") else jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed PRNG keys (no numpy dtype)
+            return (str(x.dtype), tuple(x.shape), False)
         return (np.dtype(x.dtype), tuple(x.shape), bool(getattr(x, "weak_type", False)))
 
     return jax.tree.map(describe, tree)
+
+
+def as_numpy(x):
+    """The array's bits as numpy; typed PRNG keys as their raw key data."""
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def assert_trees_equal(a: PyTree, b: PyTree) -> None:
+    """Exact equality of two pytrees, leaf by leaf; typed PRNG keys compared by key data."""
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(as_numpy(x), as_numpy(y)), a, b)
 
 
 def all_finite(tree: PyTree) -> bool:

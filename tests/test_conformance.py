@@ -85,8 +85,8 @@ def test_unknown_extra_args_are_tolerated(case):
     (updates, state), (ref_updates, ref_state) = both(
         _quadratic_grads(params), tx.init(params), params
     )
-    jax.tree.map(np.testing.assert_array_equal, updates, ref_updates)
-    jax.tree.map(np.testing.assert_array_equal, state, ref_state)
+    cf.assert_trees_equal(updates, ref_updates)
+    cf.assert_trees_equal(state, ref_state)
     assert float(cf.global_norm(updates)) > 0.0
 
 
@@ -193,7 +193,9 @@ def test_vmap_over_seeds_matches_separate_runs(case):
         # another order, and the spike (x1000) amplifies those last-bit differences
         # in the second moments (observed up to ~2e-5 relative).
         jax.tree.map(
-            lambda b, s, i=i: np.testing.assert_allclose(b[i], s, rtol=1e-4, atol=1e-6),
+            lambda b, s, i=i: np.testing.assert_allclose(
+                cf.as_numpy(b)[i], cf.as_numpy(s), rtol=1e-4, atol=1e-6
+            ),
             batched,
             single,
         )
@@ -259,7 +261,7 @@ def test_checkpoint_round_trip_is_bit_exact(case, tmp_path):
         return cf.run(tx, "quadratic", s["params"], s["opt_state"], 6, **kw)
 
     a, b = resume(state), resume(restored)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    cf.assert_trees_equal(a, b)
     assert float(a[2]["update_norm"][-1]) > 0.0
 
 

@@ -1,0 +1,319 @@
+"""optstab.perturb.composite: operators, losses, Lipschitz constants and where the
+forward and backward perturbations of a Composite reach the block gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optstab import perturb
+
+# Module-level data and parameters come from numpy or one jitted init: eager JAX calls
+# compile every primitive separately, which dominates the runtime of these tiny tests.
+X = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
+Y = (X[:, 0] - X[:, 1] > 0).astype(jnp.int32)
+ROOT = jax.random.key(42)
+
+# A tanh MLP (N = 3), for construction and loss tests.
+MLP = perturb.Composite(
+    [perturb.dense(5, "tanh"), perturb.dense(3, "tanh"), perturb.logistic_head()],
+    regularizer="l2",
+    reg_strength=1e-2,
+)
+MLP_PARAMS = jax.jit(MLP.init, static_argnums=1)(jax.random.key(1), 4)
+
+# Deep linear factors interleaved with tanh layers (N = 5), square of width 4, with
+# random perturbations: relative forward, absolute backward (||xi|| = size exactly).
+# Every injection test runs through the one compiled `gradient` of this model.
+DEEP = perturb.Composite(
+    [
+        perturb.linear(1.3),
+        perturb.dense(4, "tanh"),
+        perturb.linear(0.8),
+        perturb.dense(4, "tanh"),
+        perturb.logistic_head(),
+    ],
+    regularizer="l2",
+    reg_strength=1e-2,
+    forward_mode="relative",
+    backward_mode="absolute",
+)
+DEEP_PARAMS = jax.jit(DEEP.init, static_argnums=1)(jax.random.key(2), 4)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def gradient(model, params, forward, backward, root):
+    """Clean and perturbed block gradients; ``forward``/``backward``: (N,) sizes."""
+    keys = perturb.operator_keys(root, 0, model.num_operators)
+    injection = model.make_injection(keys, forward, backward)
+    return model.gradient(params, X, Y), model.gradient(params, X, Y, injection)
+
+
+def deep_gradient(forward, backward, root=ROOT):
+    return gradient(DEEP, DEEP_PARAMS, forward, backward, root)
+
+
+jacobian_norms = jax.jit(perturb.jacobian_norms, static_argnums=(0, 3, 5))
+
+
+@functools.cache
+def deep_exact_norms() -> tuple[np.ndarray, np.ndarray]:
+    """``(L, M)`` of DEEP at (DEEP_PARAMS, X), exact, as float64."""
+    lip, m = jacobian_norms(DEEP, DEEP_PARAMS, X, "exact", None, 20)
+    return np.asarray(lip, np.float64), np.asarray(m, np.float64)
+
+
+def one_hot_sizes(model, k, size):
+    return jnp.zeros((model.num_operators,), jnp.float32).at[k].set(size)
+
+
+def zeros(model):
+    return jnp.zeros((model.num_operators,), jnp.float32)
+
+
+def assert_trees_bitwise_equal(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u).view(np.uint32), np.asarray(v).view(np.uint32))
+
+
+def differs(a, b) -> bool:
+    return any(
+        not np.array_equal(u, v)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+# ------------------------------------------------------------------ construction
+
+
+def test_init_gives_one_block_per_operator_with_chained_shapes():
+    shapes = jax.tree.map(jnp.shape, MLP_PARAMS)
+    assert shapes == (
+        {"w": (4, 5), "b": (5,)},
+        {"w": (5, 3), "b": (3,)},
+        {"w": (3, 1), "b": (1,)},
+    )
+    assert MLP.num_operators == 3
+    np.testing.assert_array_equal(MLP_PARAMS[0]["b"], 0.0)
+    no_bias = perturb.Composite([perturb.dense(2, use_bias=False)])
+    assert jax.tree.map(jnp.shape, jax.eval_shape(lambda k: no_bias.init(k, 3), ROOT)) == (
+        {"w": (3, 2)},
+    )
+
+
+GAINS = (0.5, 1.0, 1.5)
+
+
+@functools.cache
+def linear_factors() -> list[np.ndarray]:
+    init = jax.jit(lambda k: [perturb.linear(g).init(k, 6)[0]["w"] for g in GAINS])
+    return [np.asarray(w) for w in init(jax.random.key(3))]
+
+
+@pytest.mark.parametrize("index", range(len(GAINS)))
+def test_linear_factor_has_spectral_norm_gain(index):
+    w = linear_factors()[index]
+    assert w.shape == (6, 6)
+    np.testing.assert_allclose(np.linalg.svd(w, compute_uv=False), GAINS[index], rtol=1e-5)
+
+
+def np_forward(params, x, activations) -> list[np.ndarray]:
+    """The composition by hand, in float64."""
+    z, outs = np.asarray(x, np.float64), []
+    for block, act in zip(params, activations, strict=True):
+        z = z @ np.asarray(block["w"], np.float64) + np.asarray(block["b"], np.float64)
+        z = act(z)
+        outs.append(z)
+    return outs
+
+
+MLP_ACTS = (np.tanh, np.tanh, lambda z: z)
+
+
+def test_activations_compose_the_operators():
+    outs = jax.jit(MLP.activations)(MLP_PARAMS, X)
+    for got, want in zip(outs, np_forward(MLP_PARAMS, X, MLP_ACTS), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    relu = perturb.Composite([perturb.dense(5, "relu")])
+    out = np.asarray(jax.jit(relu.apply)(MLP_PARAMS[:1], X))
+    np.testing.assert_allclose(out, np.maximum(X @ MLP_PARAMS[0]["w"], 0.0), rtol=1e-5)
+    assert out.min() == 0.0
+
+
+def test_make_injection_broadcasts_sizes():
+    inj = MLP.make_injection(perturb.operator_keys(ROOT, 0, 3), forward=0.5)
+    np.testing.assert_array_equal(inj.forward, [0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(inj.backward, [0.0, 0.0, 0.0])
+    assert inj.forward.dtype == jnp.float32 and inj.keys.shape == (3, 2)
+
+
+# ------------------------------------------------------------------ losses
+
+
+def _bce(z, y):
+    z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+    return np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_reg(model, params, x, y):
+    return model.loss(params, x, y), model.regularization(params)
+
+
+@pytest.mark.parametrize("regularizer", [None, "l2", "nonconvex"])
+def test_logistic_loss_and_regularisers_match_hand_formulas(regularizer):
+    lam = 0.03
+    model = perturb.Composite(MLP.operators, "logistic", regularizer, lam)
+    params = jax.tree.map(lambda p: p + 0.5, MLP_PARAMS)  # non-zero biases too
+    w = np.concatenate([np.ravel(p) for p in jax.tree.leaves(params)]).astype(np.float64)
+    reg = {None: 0.0, "l2": lam * np.sum(w**2), "nonconvex": lam * np.sum(w**2 / (1 + w**2))}
+    z = np_forward(params, X, MLP_ACTS)[-1][:, 0]
+    loss, got_reg = loss_and_reg(model, params, X, Y)
+    np.testing.assert_allclose(got_reg, reg[regularizer], rtol=1e-5)
+    np.testing.assert_allclose(loss, _bce(z, Y) + reg[regularizer], rtol=1e-5)
+
+
+def test_softmax_loss_matches_hand_formula():
+    model = perturb.Composite([perturb.dense(5, "tanh"), perturb.dense(3)], loss="softmax")
+    params = MLP_PARAMS[:2]
+    labels = jnp.arange(8) % 3
+    z = np_forward(params, X, (np.tanh, lambda z: z))[-1]
+    log_p = z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+    want = -np.mean(log_p[np.arange(8), np.asarray(labels)])
+    np.testing.assert_allclose(loss_and_reg(model, params, X, labels)[0], want, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ Lipschitz constants
+
+
+def test_exact_lipschitz_of_linear_factors_is_the_gain_and_m_is_the_input_norm():
+    lip, m = deep_exact_norms()
+    np.testing.assert_allclose(lip[[0, 2]], [1.3, 0.8], rtol=1e-5)
+    # The head is a dense map without activation: L is the norm of its weight column.
+    np.testing.assert_allclose(lip[4], np.linalg.norm(np.asarray(DEEP_PARAMS[4]["w"])), rtol=1e-5)
+    # d(z W)/dW over the batch is I (x) z: its norm is the spectral norm of the input z.
+    inputs = [X, *DEEP.activations(DEEP_PARAMS, X)[:-1]]
+    want = [np.linalg.norm(np.asarray(inputs[i]), 2) for i in (0, 2)]
+    np.testing.assert_allclose(m[[0, 2]], want, rtol=1e-5)
+    # tanh contracts: its layers' L is below the spectral norm of their weights.
+    for i in (1, 3):
+        assert 0 < lip[i] < np.linalg.norm(np.asarray(DEEP_PARAMS[i]["w"]), 2)
+
+
+def test_power_iteration_agrees_with_the_exact_norms():
+    lip, m = deep_exact_norms()
+    power = jacobian_norms(DEEP, DEEP_PARAMS, X, "power", jax.random.key(7), 200)
+    np.testing.assert_allclose(power[0], lip, rtol=1e-3)
+    np.testing.assert_allclose(power[1], m, rtol=1e-3)
+
+
+# ------------------------------------------------------------------ where perturbations reach
+
+
+def assert_leaves_all_differ(a, b, context):
+    """Every leaf (weights and biases) of block ``a`` differs from that of ``b``."""
+    for (path, u), v in zip(
+        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
+    ):
+        assert not np.allclose(u, v), (context, jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+def test_backward_noise_at_operator_k_changes_exactly_blocks_up_to_k(k):
+    clean, noisy = deep_gradient(zeros(DEEP), one_hot_sizes(DEEP, k, 0.3))
+    for j in range(DEEP.num_operators):
+        if j > k:
+            assert_trees_bitwise_equal(noisy[j], clean[j])
+        else:
+            assert_leaves_all_differ(noisy[j], clean[j], (k, j))
+
+
+@pytest.mark.parametrize("m", [0, 2, 4])
+def test_forward_noise_at_operator_m_changes_every_block(m):
+    clean, noisy = deep_gradient(one_hot_sizes(DEEP, m, 0.3), zeros(DEEP))
+    for j in range(DEEP.num_operators):
+        assert_leaves_all_differ(noisy[j], clean[j], (m, j))
+
+
+def test_zero_sizes_give_the_clean_gradient_bit_for_bit():
+    clean, noisy = deep_gradient(zeros(DEEP), zeros(DEEP))
+    assert_trees_bitwise_equal(noisy, clean)
+
+
+def test_noise_depends_on_the_key():
+    sizes = jnp.full((5,), 0.1, jnp.float32)
+    _, a = deep_gradient(sizes, sizes, jax.random.key(1))
+    _, b = deep_gradient(sizes, sizes, jax.random.key(1))
+    _, c = deep_gradient(sizes, sizes, jax.random.key(2))
+    assert gradient._cache_size() == 1
+    assert_trees_bitwise_equal(a, b)
+    assert differs(a, c)
+
+
+def test_forward_perturbation_of_the_loss_value_changes_no_gradient():
+    def perturbed_loss(params):
+        return perturb.forward(MLP.loss(params, X, Y), ROOT, 0.5, "relative")
+
+    both = jax.jit(
+        lambda p: (jax.value_and_grad(perturbed_loss)(p), jax.value_and_grad(MLP.loss)(p, X, Y))
+    )
+    (value, grads), (clean_value, clean) = both(MLP_PARAMS)
+    np.testing.assert_allclose(
+        abs(float(value) - float(clean_value)), 0.5 * float(clean_value), rtol=1e-5
+    )
+    assert_trees_bitwise_equal(grads, clean)
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_backward_error_obeys_the_lipschitz_bound(k):
+    size = 0.7  # absolute mode: ||xi|| = size
+    lip, m = deep_exact_norms()
+    clean, noisy = deep_gradient(zeros(DEEP), one_hot_sizes(DEEP, k, size))
+    errors = np.asarray(perturb.block_errors(noisy, clean), np.float64)
+    for j in range(k + 1):
+        bound = m[j] * np.prod(lip[j + 1 : k + 1]) * size
+        assert 0.0 < errors[j] <= bound * (1 + 1e-5), (j, errors[j], bound)
+    np.testing.assert_array_equal(errors[k + 1 :], 0.0)
+
+
+def test_gradient_error_is_linear_in_small_forward_sizes():
+    sizes = np.array([1e-4, 1e-3, 1e-2])
+    errors = []
+    for s in sizes:
+        clean, noisy = deep_gradient(jnp.full((5,), s, jnp.float32), zeros(DEEP))
+        errors.append(float(jnp.linalg.norm(perturb.block_errors(noisy, clean))))
+    slope = np.polyfit(np.log(sizes), np.log(errors), 1)[0]
+    assert 0.9 <= slope <= 1.1, (slope, errors)
+
+
+def test_block_norms_and_errors():
+    a = ({"w": jnp.array([3.0, 4.0])}, {"w": jnp.ones((2, 2)), "b": jnp.zeros(1)}, {})
+    b = jax.tree.map(jnp.zeros_like, a)
+    np.testing.assert_allclose(perturb.block_norms(a), [5.0, 2.0, 0.0])
+    np.testing.assert_allclose(perturb.block_errors(a, b), [5.0, 2.0, 0.0])
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: perturb.Composite([]), "operators"),
+        (lambda: perturb.Composite([perturb.logistic_head()], loss="mse"), "loss"),
+        (lambda: perturb.Composite([perturb.logistic_head()], regularizer="l1"), "regularizer"),
+        (lambda: perturb.Composite([perturb.logistic_head()], reg_strength=-1.0), "reg_strength"),
+        (lambda: perturb.Composite([perturb.logistic_head()], forward_mode="x"), "mode"),
+        (lambda: perturb.Composite([perturb.logistic_head()], backward_mode="x"), "mode"),
+        (lambda: perturb.Composite([perturb.logistic_head()], fmt="float16"), "fmt"),
+        (lambda: perturb.Composite([perturb.logistic_head()], rounding="up"), "rounding"),
+        (lambda: perturb.linear(0.0), "gain"),
+        (lambda: perturb.dense(3, "gelu"), "activation"),
+        (lambda: perturb.jacobian_norms(MLP, MLP_PARAMS, X, method="svd"), "method"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()

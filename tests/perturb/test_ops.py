@@ -1,0 +1,270 @@
+"""optstab.perturb.ops: the forward / backward perturbation operators, mode by mode."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optstab import perturb
+from optstab.lowprec import round_to_format
+
+KEY = jax.random.key(0)
+X = jax.random.normal(jax.random.key(10), (4, 5)) * 3.0  # the value (or cotangent) perturbed
+C = jax.random.normal(jax.random.key(11), (4, 5))  # a cotangent
+OPTS = ("mode", "fmt", "rounding")
+
+
+@functools.partial(jax.jit, static_argnames=OPTS)
+def run_ops(x, c, key, scale, mode="relative", fmt="float8_e4m3", rounding="nearest"):
+    """Both operators at once (one compile per mode and dtype, shared by the tests).
+
+    Returns ``forward``'s value and the cotangent it passes back for ``c``, and
+    ``backward``'s value and the cotangent it passes back for ``c``.
+    """
+    kw = {"fmt": fmt, "rounding": rounding}
+    y, fwd_pullback = jax.vjp(lambda v: perturb.forward(v, key, scale, mode, **kw), x)
+    z, bwd_pullback = jax.vjp(lambda v: perturb.backward(v, key, scale, mode, **kw), x)
+    return y, fwd_pullback(c)[0], z, bwd_pullback(c)[0]
+
+
+def fwd(x, key, scale, mode="relative", **kw):
+    return run_ops(x, C.astype(x.dtype), key, jnp.float32(scale), mode, **kw)[0]
+
+
+def fwd_vjp(x, c, key, scale, mode="relative", **kw):
+    return run_ops(x, c, key, jnp.float32(scale), mode, **kw)[1]
+
+
+def bwd(x, key, scale, mode="relative", **kw):
+    return run_ops(x, C.astype(x.dtype), key, jnp.float32(scale), mode, **kw)[2]
+
+
+def bwd_vjp(x, c, key, scale, mode="relative", **kw):
+    return run_ops(x, c, key, jnp.float32(scale), mode, **kw)[3]
+
+
+def norm(a) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64)))
+
+
+def bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+# ----------------------------------------------------------------- forward values
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 3.0])
+def test_forward_absolute_has_norm_scale(scale):
+    y = fwd(X, KEY, scale, "absolute")
+    np.testing.assert_allclose(norm(y - X), scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 3.0])
+def test_forward_relative_has_norm_scale_times_norm_of_x(scale):
+    y = fwd(X, KEY, scale, "relative")
+    np.testing.assert_allclose(norm(y - X), scale * norm(X), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.25, 1.0, 2.0])
+def test_forward_bias_is_minus_scale_times_x(scale):
+    y = np.asarray(fwd(X, KEY, scale, "bias"))
+    x = np.asarray(X)
+    np.testing.assert_array_equal(y, x + np.float32(-scale) * x)
+    np.testing.assert_allclose(y - x, -scale * x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3", "float8_e5m2", "float4_e2m1"])
+def test_forward_round_at_scale_one_is_the_rounding(fmt):
+    x = X / 2  # within every format's range, so q(x) - x is exact (Sterbenz)
+    y = fwd(x, KEY, 1.0, "round", fmt=fmt)
+    np.testing.assert_array_equal(y, round_to_format(x, fmt))
+
+
+def test_forward_round_at_scale_half_blends_value_and_rounding():
+    q = round_to_format(X, "float4_e2m1")
+    y = fwd(X, KEY, 0.5, "round", fmt="float4_e2m1")
+    np.testing.assert_allclose(y, (X + q) / 2, rtol=1e-6)
+    assert not np.array_equal(y, q) and not np.array_equal(y, X)
+
+
+def test_forward_stochastic_round_lands_on_a_neighbour_and_depends_on_the_key():
+    kw = {"mode": "round", "fmt": "float4_e2m1", "rounding": "stochastic"}
+    y1 = np.asarray(fwd(X / 4, jax.random.key(1), 1.0, **kw))
+    y2 = np.asarray(fwd(X / 4, jax.random.key(2), 1.0, **kw))
+    grid = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    assert np.all(np.isin(np.abs(y1), grid)) and np.all(np.abs(y1 - X / 4) < 1.0)
+    assert not np.array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_forward_has_identity_vjp(mode):
+    np.testing.assert_array_equal(fwd_vjp(X, C, KEY, 0.7, mode), C)
+
+
+# ------------------------------------------------------------- backward operator
+
+
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_backward_returns_the_value_unchanged(mode):
+    np.testing.assert_array_equal(bwd(X, KEY, 0.7, mode), X)
+
+
+@pytest.mark.parametrize("scale", [0.01, 2.0])
+def test_backward_absolute_cotangent_error_has_norm_scale(scale):
+    g = bwd_vjp(X, C, KEY, scale, "absolute")
+    np.testing.assert_allclose(norm(g - C), scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.01, 2.0])
+def test_backward_relative_cotangent_error_is_relative_to_the_cotangent(scale):
+    g = bwd_vjp(X, C, KEY, scale, "relative")
+    np.testing.assert_allclose(norm(g - C), scale * norm(C), rtol=1e-5)
+    # Relative to the cotangent, not to the value it flows back through.
+    g10 = bwd_vjp(10 * X, C, KEY, scale, "relative")
+    np.testing.assert_array_equal(g10, g)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_backward_bias_scales_the_cotangent_exactly(scale):
+    c = np.asarray(C)
+    g = bwd_vjp(X, C, KEY, scale, "bias")
+    np.testing.assert_array_equal(g, c + np.float32(-scale) * c)
+
+
+def test_backward_round_rounds_the_cotangent():
+    g = bwd_vjp(X, C, KEY, 1.0, "round", fmt="float8_e5m2")
+    np.testing.assert_array_equal(g, round_to_format(C, "float8_e5m2"))
+
+
+def test_backward_through_a_function_perturbs_its_gradient():
+    f = lambda x, s: jnp.sum(jnp.sin(perturb.backward(x, KEY, s, "bias")))
+    g = jax.jit(jax.grad(f))(X, 0.25)
+    np.testing.assert_allclose(g, 0.75 * jnp.cos(X), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- scale zero
+
+# Signed zeros, infinities, NaN and a float32 subnormal, in the shape of X.
+SPECIAL = X.at[0, :].set(jnp.array([-0.0, 0.0, jnp.inf, -jnp.inf, jnp.nan])).at[1, 0].set(1e-40)
+
+
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_python_zero_scale_returns_the_input_object(mode):
+    assert perturb.forward(SPECIAL, KEY, 0, mode) is SPECIAL
+    assert perturb.backward(SPECIAL, KEY, 0.0, mode) is SPECIAL
+
+
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_traced_zero_scale_is_a_bit_exact_identity(mode):
+    zero = jnp.float32(0.0)
+    np.testing.assert_array_equal(bits(fwd(SPECIAL, KEY, zero, mode)), bits(SPECIAL))
+    cot = bwd_vjp(X, SPECIAL, KEY, zero, mode)
+    np.testing.assert_array_equal(bits(cot), bits(SPECIAL))
+
+
+def test_traced_zero_scale_keeps_non_finite_inputs_that_would_poison_the_noise():
+    # At scale > 0 the relative mode turns an inf anywhere into NaN everywhere.
+    assert np.all(np.isnan(np.asarray(fwd(SPECIAL, KEY, 0.1, "relative"))))
+    np.testing.assert_array_equal(bits(fwd(SPECIAL, KEY, 0.0, "relative")), bits(SPECIAL))
+
+
+# ---------------------------------------------------------------- jit and keys
+
+
+@pytest.mark.parametrize("mode", ["relative", "bias"])
+def test_traced_scale_does_not_recompile(mode):
+    traces = []
+
+    @jax.jit
+    def step(x, c, scale):
+        traces.append(1)
+        y, pullback = jax.vjp(lambda v: perturb.backward(v, KEY, scale, mode), x)
+        return perturb.forward(y, KEY, scale, mode), pullback(c)[0]
+
+    y1, g1 = step(X, C, jnp.float32(0.1))
+    y2, g2 = step(X, C, jnp.float32(0.3))
+    y0, g0 = step(X, C, jnp.float32(0.0))
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert not np.array_equal(y1, y2) and not np.array_equal(g1, g2)
+    np.testing.assert_array_equal(y0, X)
+    np.testing.assert_array_equal(g0, C)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_same_key_same_bits_other_key_other_bits(mode):
+    a, b = fwd(X, jax.random.key(5), 0.1, mode), fwd(X, jax.random.key(5), 0.1, mode)
+    c = fwd(X, jax.random.key(6), 0.1, mode)
+    np.testing.assert_array_equal(bits(a), bits(b))
+    assert not np.array_equal(a, c)
+    ga, gb = (
+        bwd_vjp(X, C, jax.random.key(5), 0.1, mode),
+        bwd_vjp(X, C, jax.random.key(5), 0.1, mode),
+    )
+    gc = bwd_vjp(X, C, jax.random.key(6), 0.1, mode)
+    np.testing.assert_array_equal(bits(ga), bits(gb))
+    assert not np.array_equal(ga, gc)
+
+
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_bfloat16_keeps_its_dtype(mode):
+    x = X.astype(jnp.bfloat16)
+    y = fwd(x, KEY, 0.5, mode)
+    g = bwd_vjp(x, C.astype(jnp.bfloat16), KEY, 0.5, mode)
+    assert y.dtype == jnp.bfloat16 and g.dtype == jnp.bfloat16
+    assert not np.array_equal(np.asarray(y, np.float32), np.asarray(x, np.float32))
+
+
+def test_bfloat16_relative_size_is_right_up_to_bfloat16_rounding():
+    x = X.astype(jnp.bfloat16)
+    y = fwd(x, KEY, 0.1, "relative")
+    np.testing.assert_allclose(
+        norm(y.astype(jnp.float32) - x.astype(jnp.float32)), 0.1 * norm(x), rtol=0.05
+    )
+
+
+def test_perturbation_function_matches_the_operator():
+    spec = perturb.make_spec("absolute")
+    delta = perturb.perturbation(X, KEY, 0.4, spec)
+    np.testing.assert_allclose(fwd(X, KEY, 0.4, "absolute"), X + delta, rtol=1e-6)
+    assert delta.dtype == jnp.float32 and delta.shape == X.shape
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("op", [perturb.forward, perturb.backward])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"mode": "gaussian"}, "mode"),
+        ({"fmt": "float16"}, "fmt"),
+        ({"rounding": "up"}, "rounding"),
+        ({"scale": -0.1}, "scale"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_the_argument(op, kwargs, name):
+    kwargs = {"scale": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        op(X, KEY, **kwargs)
+
+
+def test_bad_options_are_rejected_even_at_scale_zero():
+    with pytest.raises(ValueError, match="mode"):
+        perturb.forward(X, KEY, 0, "gaussian")
+
+
+def test_make_spec_validates():
+    assert perturb.make_spec("bias") == perturb.PerturbSpec("bias", "float8_e4m3", "nearest")
+    with pytest.raises(ValueError, match="mode"):
+        perturb.make_spec("scaled")
+
+
+def test_stochastic_rounding_without_a_key_raises():
+    with pytest.raises(ValueError, match="key"):
+        perturb.forward(X, None, 1.0, "round", rounding="stochastic")
+    with pytest.raises(ValueError, match="key"):
+        jax.grad(lambda x: perturb.backward(x, None, 1.0, "round", rounding="stochastic").sum())(X)

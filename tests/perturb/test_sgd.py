@@ -1,0 +1,408 @@
+"""optstab.perturb.sgd: paired clean/perturbed SGD runs, outcome labels, recovery times."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from optstab import perturb
+from optstab.perturb import DIVERGED, LINGERING, RECOVERED
+
+
+def make_data(n=64, seed=0):
+    """A noisy linear rule in 3-D: logistic regression has a finite optimum."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3)).astype(np.float32)
+    y = x @ np.array([1.5, -1.0, 0.5]) + 0.5 * rng.standard_normal(n) > 0
+    return jnp.asarray(x), jnp.asarray(y.astype(np.int32))
+
+
+X, Y = make_data()
+
+
+# Convex: L2-regularised logistic regression (one operator), with relative (random) or
+# bias (deterministic) perturbations.
+LOGISTIC = perturb.Composite([perturb.logistic_head()], regularizer="l2", reg_strength=0.05)
+LOGISTIC_BIAS = perturb.Composite(
+    [perturb.logistic_head()], regularizer="l2", reg_strength=0.05,
+    forward_mode="bias", backward_mode="bias",
+)  # fmt: skip
+PARAMS = jax.jit(LOGISTIC.init, static_argnums=1)(jax.random.key(1), 3)
+
+# A two-operator tanh network; mlp_run perturbs the forward values of both operators
+# (bias mode) and the cotangent at the output (relative mode, random).
+MLP = perturb.Composite(
+    [perturb.dense(3, "tanh"), perturb.logistic_head()],
+    regularizer="l2",
+    reg_strength=1e-2,
+    forward_mode="bias",
+)
+MLP_PARAMS = jax.jit(MLP.init, static_argnums=1)(jax.random.key(2), 3)
+
+
+@jax.jit
+def mlp_run(perturb_key, data_key, forward, backward):
+    """20 minibatch steps (batch 16) of the MLP under constant (traced) sizes."""
+    return perturb.run_sgd(
+        MLP,
+        MLP_PARAMS,
+        X,
+        Y,
+        num_steps=20,
+        learning_rate=0.5,
+        perturbation=perturb.Perturbation(
+            forward=lambda t: forward, backward={-1: lambda t: backward}
+        ),
+        perturb_key=perturb_key,
+        data_key=data_key,
+        batch_size=16,
+    )
+
+
+def noisy_mlp_run(perturb_key=1, data_key=0):
+    return mlp_run(jax.random.key(perturb_key), jax.random.key(data_key), 0.05, 0.2)
+
+
+LIPSCHITZ_EVERY = 5
+
+
+@functools.cache
+def mlp_clean_run():
+    """12 full-batch steps of the MLP without any perturbation; L_i estimated every 5."""
+    run = lambda p: perturb.run_sgd(
+        MLP, p, X, Y, num_steps=12, learning_rate=0.5, lipschitz_every=LIPSCHITZ_EVERY
+    )
+    return jax.jit(run)(MLP_PARAMS)
+
+
+@jax.jit
+def gd_step(params):
+    return jax.tree.map(lambda w, g: w - 0.5 * g, params, MLP.gradient(params, X, Y))
+
+
+def params_after(steps):
+    params = MLP_PARAMS
+    for _ in range(steps):
+        params = gd_step(params)
+    return params
+
+
+jacobian_norms = jax.jit(perturb.jacobian_norms, static_argnums=0)
+
+
+def assert_trees_bitwise_equal(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# ------------------------------------------------------------------ determinism, jit, vmap
+
+
+def test_same_keys_give_the_same_bits_and_other_keys_other_runs():
+    a = noisy_mlp_run(1, 0)
+    b = noisy_mlp_run(1, 0)
+    assert_trees_bitwise_equal(a, b)
+    c = noisy_mlp_run(2, 0)
+    assert not np.array_equal(a.trace.loss, c.trace.loss)
+    # The perturbation key changes only the perturbed run: same data, same clean run.
+    np.testing.assert_array_equal(a.trace.loss_clean, c.trace.loss_clean)
+
+
+def test_minibatches_are_reproducible_and_follow_the_data_key():
+    a = noisy_mlp_run(1, 0)
+    b = noisy_mlp_run(1, 0)
+    c = noisy_mlp_run(1, 3)
+    np.testing.assert_array_equal(a.trace.loss_clean, b.trace.loss_clean)
+    assert not np.array_equal(a.trace.loss_clean, c.trace.loss_clean)
+    # The recorded loss is that of the step's minibatch: not the full-batch loss.
+    full_batch = float(mlp_clean_run().trace.loss[0])
+    assert float(a.trace.loss_clean[0]) != pytest.approx(full_batch)
+
+
+def test_trace_shapes_and_recorded_sizes():
+    result = noisy_mlp_run(1, 0)
+    t = result.trace
+    assert t.loss.shape == (20,) and t.grad_error.shape == (20, 2) and t.lipschitz.shape == (20, 2)
+    np.testing.assert_array_equal(t.forward_size, np.float32(0.05))
+    np.testing.assert_array_equal(t.backward_size, np.broadcast_to(np.float32([0.0, 0.2]), (20, 2)))
+    assert np.all(np.asarray(t.grad_error) > 0) and np.all(np.asarray(t.relative_grad_error) > 0)
+    assert result.outcome.dtype == jnp.int32 and result.recovery_time.dtype == jnp.int32
+
+
+# ------------------------------------------------------------------ zero perturbation
+
+
+def test_no_perturbation_reproduces_the_clean_run_bit_for_bit():
+    result = mlp_clean_run()
+    np.testing.assert_array_equal(result.trace.loss, result.trace.loss_clean)
+    np.testing.assert_array_equal(result.trace.grad_error, 0.0)
+    assert_trees_bitwise_equal(result.params, result.params_clean)
+    assert int(result.outcome) == RECOVERED and int(result.recovery_time) == 0
+    # Full batch and no eval_data: the recorded loss is the full-data objective.
+    np.testing.assert_allclose(result.trace.loss[0], jax.jit(MLP.loss)(MLP_PARAMS, X, Y), rtol=1e-6)
+
+
+def test_traced_zero_sizes_follow_the_clean_run():
+    result = mlp_run(jax.random.key(1), jax.random.key(0), 0.0, 0.0)
+    # Exact identities at size 0; the two runs are separate XLA computations, so the
+    # last bit may differ.
+    np.testing.assert_allclose(result.trace.loss, result.trace.loss_clean, rtol=1e-6)
+    np.testing.assert_array_less(result.trace.relative_grad_error, 1e-6)
+    assert int(result.outcome) == RECOVERED and int(result.recovery_time) == 0
+
+
+# ------------------------------------------------------------------ classify_outcome
+
+
+def hand_trace(loss, loss_clean=None, param_norm=None):
+    loss = jnp.asarray(loss, jnp.float32)
+    steps = loss.shape[0]
+    zeros = jnp.zeros((steps,), jnp.float32)
+    return perturb.SGDTrace(
+        loss_clean=jnp.ones((steps,)) if loss_clean is None else jnp.asarray(loss_clean),
+        loss=loss,
+        grad_norm=zeros,
+        grad_error=zeros[:, None],
+        relative_grad_error=zeros,
+        lipschitz=zeros[:, None],
+        param_norm=zeros if param_norm is None else jnp.asarray(param_norm, jnp.float32),
+        forward_size=zeros[:, None],
+        backward_size=zeros[:, None],
+    )
+
+
+_classify = jax.jit(perturb.classify_outcome, static_argnames=("horizon",))
+
+
+def classify(trace, **kw):
+    outcome, time = _classify(trace, **kw)
+    return perturb.OUTCOMES[int(outcome)], int(time)
+
+
+def test_classify_recovered_and_recovery_time():
+    loss = [1.0, 1.0, 4.0, 3.0, 1.5, 1.04, 1.0, 1.0]
+    assert classify(hand_trace(loss), t0=2) == ("recovered", 3)  # in band from step 5 on
+    assert classify(hand_trace(loss), t0=0) == ("recovered", 5)
+
+
+def test_recovery_time_counts_from_the_last_entry_into_the_band():
+    loss = [1.0, 3.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0]
+    assert classify(hand_trace(loss), t0=1) == ("recovered", 4)  # last outside: step 4
+    assert classify(hand_trace([1.0] * 6), t0=2) == ("recovered", 0)  # never left
+
+
+def test_recovery_time_is_minus_one_if_the_run_ends_outside_the_band():
+    assert classify(hand_trace([1.0, 3.0, 2.0, 1.5]), t0=1) == ("lingering", -1)
+
+
+def test_outcome_is_judged_at_t0_plus_horizon():
+    loss = [1.0, 3.0, 1.0, 1.0, 2.0, 2.0]
+    assert classify(hand_trace(loss), t0=1, horizon=2) == ("recovered", -1)
+    assert classify(hand_trace(loss), t0=1, horizon=3) == ("lingering", -1)
+    assert classify(hand_trace(loss), t0=1, horizon=100) == ("lingering", -1)  # clipped
+
+
+def test_tolerance_sets_the_band():
+    loss = [1.0, 1.2, 1.2, 1.2]
+    assert classify(hand_trace(loss), t0=1) == ("lingering", -1)
+    assert classify(hand_trace(loss), t0=1, tolerance=0.25) == ("recovered", 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"loss": [1.0, jnp.nan, 1.0, 1.0]}, "a nan loss at any step"),
+        ({"loss": [1.0, jnp.inf, 1.0, 1.0]}, "an inf loss at any step"),
+        ({"loss": [1.0] * 4, "param_norm": [1.0, jnp.nan, 1.0, 1.0]}, "nan params at any step"),
+        ({"loss": [1.0, 1.0, 1.0, 10.5]}, "loss above 10x the initial one at the check step"),
+        ({"loss": [1.0] * 4, "param_norm": [1.0, 1.0, 1.0, 2e6]}, "norm above radius at the check"),
+    ],
+)
+def test_classify_diverged(kwargs, why):
+    assert classify(hand_trace(**kwargs), t0=0)[0] == "diverged", why
+
+
+def test_finite_blow_up_healed_by_the_check_step_is_not_divergence():
+    assert classify(hand_trace([1.0, 10.5, 1.0, 1.0]), t0=0) == ("recovered", 2)
+    healed_norm = hand_trace([1.0] * 4, param_norm=[1.0, 2e6, 1.0, 1.0])
+    assert classify(healed_norm, t0=0) == ("recovered", 0)
+    # ...but it is divergence when the check step falls inside the blow-up.
+    assert classify(hand_trace([1.0, 10.5, 1.0, 1.0]), t0=0, horizon=1)[0] == "diverged"
+    assert classify(healed_norm, t0=0, horizon=1)[0] == "diverged"
+
+
+def test_divergence_factor_and_radius_are_configurable():
+    trace = hand_trace([1.0, 1.0, 1.0, 9.0], param_norm=[1.0, 1.0, 1.0, 50.0])
+    assert classify(trace)[0] == "lingering"
+    assert classify(trace, divergence_factor=5.0)[0] == "diverged"
+    assert classify(trace, radius=10.0)[0] == "diverged"
+
+
+def test_outcome_constants():
+    assert perturb.OUTCOMES[RECOVERED] == "recovered"
+    assert perturb.OUTCOMES[LINGERING] == "lingering"
+    assert perturb.OUTCOMES[DIVERGED] == "diverged"
+
+
+# ------------------------------------------------------------------ spikes and bias
+
+
+SPIKE_AT = 50
+
+
+@jax.jit
+def logistic_run(perturb_key, spike, level, decay):
+    """300 full-batch steps of LOGISTIC with relative noise at the output cotangent.
+
+    The size is ``level`` (constant, or ``level / sqrt(t + 1)`` when ``decay``) except at
+    step SPIKE_AT, where it is ``spike``; everything traced: one compile for all tests.
+    """
+    base = lambda t: jnp.where(decay, perturb.inverse_sqrt(level)(t), perturb.constant(level)(t))
+    size = perturb.spike(t0=SPIKE_AT, size=spike, base=base)
+    return perturb.run_sgd(
+        LOGISTIC, PARAMS, X, Y, num_steps=300, learning_rate=0.5,
+        perturbation=perturb.Perturbation(backward={-1: size}), perturb_key=perturb_key,
+        t0=SPIKE_AT, horizon=240,
+    )  # fmt: skip
+
+
+# The batch of logistic runs: three spikes, then constant and decaying noise (4 keys).
+SPIKES = (1e1, 1e2, 1e3)
+NOISE_KEYS = 4
+
+
+@functools.cache
+def logistic_batch():
+    n = len(SPIKES) + 2 * NOISE_KEYS
+    keys = jax.random.split(jax.random.key(0), n)
+    spikes = np.zeros(n, np.float32)
+    spikes[: len(SPIKES)] = SPIKES
+    levels = np.r_[np.zeros(len(SPIKES)), np.full(2 * NOISE_KEYS, 0.5)].astype(np.float32)
+    decays = np.r_[np.zeros(len(SPIKES) + NOISE_KEYS, bool), np.ones(NOISE_KEYS, bool)]
+    args = (keys, jnp.asarray(spikes), jnp.asarray(levels), jnp.asarray(decays))
+    return args, jax.jit(jax.vmap(logistic_run))(*args)
+
+
+def test_vmap_over_perturb_keys_equals_separate_runs():
+    args, batched = logistic_batch()
+    for i in (1, len(SPIKES), len(SPIKES) + NOISE_KEYS):  # a spike, constant, decaying noise
+        single = logistic_run(*(a[i] for a in args))
+        # Near-exact: the batched program may fuse and reduce in another order, and
+        # near the optimum the relative gradient error (noise / ||g||, ||g|| -> 0)
+        # amplifies such last-bit differences (observed up to ~2e-4).
+        jax.tree.map(
+            lambda b, s, i=i: np.testing.assert_allclose(b[i], s, rtol=1e-3, atol=1e-6),
+            batched,
+            single,
+        )
+    final = np.asarray(batched.trace.loss[len(SPIKES) :, -1])
+    assert len(set(final.tolist())) == len(final), "the keys gave identical runs"
+
+
+def test_one_off_spike_is_recovered_and_recovery_time_grows_with_log_size():
+    _, batch = logistic_batch()
+    result = jax.tree.map(lambda x: x[: len(SPIKES)], batch)
+    np.testing.assert_array_equal(result.outcome, RECOVERED)
+    times = np.asarray(result.recovery_time)
+    assert 0 < times[1] and times[0] < times[1] < times[2], times
+    sizes = np.asarray(result.trace.backward_size[:, :, 0])
+    np.testing.assert_array_equal(sizes[:, SPIKE_AT], np.float32(SPIKES))
+    np.testing.assert_array_equal(np.delete(sizes, SPIKE_AT, axis=1), 0.0)
+    # Before the spike both runs are the same run (up to the last bit: see
+    # test_traced_zero_sizes_follow_the_clean_run); right after it they are not.
+    loss, clean = np.asarray(result.trace.loss), np.asarray(result.trace.loss_clean)
+    np.testing.assert_allclose(loss[:, : SPIKE_AT + 1], clean[:, : SPIKE_AT + 1], rtol=1e-6)
+    assert np.all(loss[:, SPIKE_AT + 1] > clean[:, SPIKE_AT + 1])
+
+
+def test_decaying_noise_ends_closer_to_the_clean_loss_than_constant_noise():
+    _, batch = logistic_batch()
+    gap = np.abs(np.asarray(batch.trace.loss) - np.asarray(batch.trace.loss_clean))
+    gap = gap[len(SPIKES) :, -50:].mean(axis=1)
+    constant, decaying = gap[:NOISE_KEYS], gap[NOISE_KEYS:]
+    assert np.all(decaying < constant), (decaying, constant)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def constant_runs(model, sizes):
+    """A constant perturbation of each size at the last operator's backward, full batch."""
+
+    def one(size):
+        bias = perturb.Perturbation(backward={-1: size})
+        return perturb.run_sgd(
+            model, PARAMS, X, Y, num_steps=200, learning_rate=0.5, perturbation=bias
+        )
+
+    return jax.vmap(one)(sizes)
+
+
+def test_constant_bias_above_one_fails_while_a_small_one_converges():
+    result = constant_runs(LOGISTIC_BIAS, jnp.array([0.1, 2.0]))
+    loss, clean = np.asarray(result.trace.loss), np.asarray(result.trace.loss_clean)
+    # size 0.1: descends, like the clean run, to within 1% of its loss.
+    assert int(result.outcome[0]) == RECOVERED
+    assert loss[0, -1] < loss[0, 0] - 0.1
+    np.testing.assert_allclose(loss[0, -1], clean[0, -1], rtol=0.01)
+    # size 2: the data gradient flips sign; the run climbs instead of descending.
+    assert int(result.outcome[1]) != RECOVERED
+    assert loss[1, -1] > loss[1, 0]
+
+
+# ------------------------------------------------------------------ Lipschitz tracking
+
+
+def test_lipschitz_every_records_power_estimates_of_the_exact_constants():
+    every, result = LIPSCHITZ_EVERY, mlp_clean_run()
+    lip = np.asarray(result.trace.lipschitz)
+    # Carried over between estimates, refreshed every `every` steps.
+    for start in (0, 5, 10):
+        block = lip[start : start + every]
+        np.testing.assert_array_equal(block, np.broadcast_to(lip[start], block.shape))
+    assert not np.array_equal(lip[0], lip[5]) and not np.array_equal(lip[5], lip[10])
+    # The run is plain gradient descent (no perturbation): gd_step reproduces it.
+    np.testing.assert_allclose(
+        ravel_pytree(params_after(12))[0], ravel_pytree(result.params)[0], rtol=1e-5, atol=1e-7
+    )
+    # Step t sees the parameters after t steps. 20 power iterations: an estimate from
+    # below, within a few percent.
+    for step in (0, 5, 10):
+        exact = np.asarray(jacobian_norms(MLP, params_after(step), X)[0])
+        assert np.all(lip[step] <= exact * (1 + 1e-5)), (step, lip[step], exact)
+        assert np.all(lip[step] >= 0.95 * exact), (step, lip[step], exact)
+
+
+def test_lipschitz_is_zero_when_not_tracked():
+    np.testing.assert_array_equal(noisy_mlp_run(1, 0).trace.lipschitz, 0.0)
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_steps": -1}, "num_steps"),
+        ({"num_steps": 2.5}, "num_steps"),
+        ({"lipschitz_every": -1}, "lipschitz_every"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.0}, "batch_size"),
+        ({"tolerance": -0.1}, "tolerance"),
+        ({"perturbation": perturb.Perturbation(backward={3: 1.0})}, "operator index"),
+        ({"perturbation": perturb.Perturbation(forward={-3: 1.0})}, "operator index"),
+    ],
+)
+def test_invalid_arguments_raise_value_error(kwargs, name):
+    kwargs = {"num_steps": 3, "learning_rate": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        perturb.run_sgd(MLP, MLP_PARAMS, X, Y, **kwargs)
+
+
+def test_perturbation_sizes_from_numbers_schedules_and_mappings():
+    spec = perturb.Perturbation(forward=0.5, backward={0: perturb.inverse(1.0), -1: 0.25})
+    forward, backward = spec.sizes(jnp.asarray(3), 3)
+    np.testing.assert_array_equal(forward, [0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(backward, [0.25, 0.0, 0.25])
+    np.testing.assert_array_equal(perturb.Perturbation().sizes(jnp.asarray(0), 2)[0], [0.0, 0.0])
