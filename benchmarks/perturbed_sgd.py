@@ -268,9 +268,10 @@ def linearity(config, x, y, keys) -> list[dict]:
 
     fit_sizes = np.asarray(config.linearity_sizes)
     plot_sizes = np.asarray(config.linearity_plot_sizes)
-    measure = jax.jit(jax.vmap(errors, (None, 0)))
-    fit_errors = measure(jnp.asarray(fit_sizes, jnp.float32), keys)
-    plot_errors = measure(jnp.asarray(plot_sizes, jnp.float32), keys)
+    both = jnp.asarray(np.concatenate([fit_sizes, plot_sizes]), jnp.float32)  # one compile
+    measured = jax.jit(jax.vmap(errors, (None, 0)))(both, keys)
+    fit_errors = {d: v[:, : len(fit_sizes)] for d, v in measured.items()}
+    plot_errors = {d: v[:, len(fit_sizes) :] for d, v in measured.items()}
     out = []
     for seed in range(keys.shape[0]):
         entry = {"operator": middle + 1, "plot_sizes": plot_sizes.tolist()}
@@ -734,8 +735,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
             ("recovery", recovery),
             ("threshold", threshold),
             ("example", example_run),
+            ("zero_cost", zero_scale_cost),
         ],
-        desc="statements 5-7",
+        desc="statements 0, 5-7",
         leave=False,
     ):
         start = time.perf_counter()

@@ -62,7 +62,7 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.nonconvex_strength = 1e-3
     c.threshold_lr = 0.1
     c.threshold_batch = 32
-    c.threshold_steps = 1500 if quick else 5000
+    c.threshold_steps = 1000 if quick else 5000
     c.threshold_sizes = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
     c.stall_fraction = 0.5  # stalled: less than half of the clean run's loss decrease made
 

@@ -63,15 +63,17 @@ def test_perturbed_sgd_reports_every_statement(tmp_path):
     config.plateau_sizes, config.plateau_window = (0.1, 0.4), 20
     config.spike_steps, config.spike_t0, config.spike_sizes = 200, 20, (1.0, 10.0, 100.0)
     config.threshold_steps, config.threshold_sizes = 60, (0.5, 2.0)
+    config.timing_repeats = 3
     result = perturbed_sgd.run(config)
     statements = result["summary"]["statements"]
-    assert [s["id"] for s in statements] == [1, 2, 3, 4, 5, 6, "7a", "7b"]
+    assert [s["id"] for s in statements] == [0, 1, 2, 3, 4, 5, 6, "7a", "7b"]
     for s in statements:
         assert set(s) == {"id", "claim", "measured", "expected", "passed"}
         assert isinstance(s["passed"], bool)
     # Statement 1 is exact on any problem: later blocks compare equal bit for bit.
-    assert statements[0]["measured"]["later_blocks_exactly_unchanged"] is True
+    assert statements[1]["measured"]["later_blocks_exactly_unchanged"] is True
+    assert statements[0]["measured"]["identity_bits"] is True
     path = reporting.write_json(result, tmp_path / "perturbed_sgd.json")
-    assert len(json.loads(path.read_text())["summary"]["statements"]) == 8
+    assert len(json.loads(path.read_text())["summary"]["statements"]) == 9
     assert perturbed_sgd.plot(result, tmp_path / "perturbed_sgd.png").exists()
     assert "statements pass" in perturbed_sgd.table(result)
