@@ -191,7 +191,7 @@ def run_sgd(
       >>> perturb.OUTCOMES[int(result.outcome)], int(result.recovery_time)
       ('recovered', 43)
     """
-    check_count("num_steps", num_steps)
+    check_range("num_steps", num_steps, lambda v: v >= 1 and float(v).is_integer(), "an int >= 1")
     check_count("lipschitz_every", lipschitz_every)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
