@@ -165,7 +165,9 @@ def backward_locality(config, x, y, keys) -> list[dict]:
             noise = perturb.operator_keys(noise_key, 0, n)
             return norms, changes_per_operator(model, params, x, y, noise, 1.0, "backward")
 
-        per_kind[kind] = jax.jit(jax.vmap(measure))(keys)
+        # lax.map, not vmap: a vmapped batch of 10 seeds hung XLA:CPU (all threads idle
+        # in futex waits) on jax 0.10.2; seeds one after another compile once as well.
+        per_kind[kind] = jax.jit(lambda keys, measure=measure: jax.lax.map(measure, keys))(keys)
     out = []
     for seed in range(keys.shape[0]):
         entry = {}
@@ -221,7 +223,7 @@ def depth_sensitivity(config, x, y, keys) -> list[dict]:
                 grad_norm,
             )
 
-        per_kind[kind] = jax.jit(jax.vmap(measure))(keys)
+        per_kind[kind] = jax.jit(lambda keys, measure=measure: jax.lax.map(measure, keys))(keys)
     out = []
     distance = n - 1 - np.arange(n)  # operators between z_k and the output
     for seed in range(keys.shape[0]):
