@@ -145,7 +145,8 @@ def forward(
     Args:
       x: float array.
       key: PRNG key for the random modes (ignored by ``"bias"`` and nearest rounding).
-      scale: perturbation size, ``>= 0``; may be a traced array. 0 is an exact identity.
+      scale: scalar perturbation size, ``>= 0``; may be a traced array. 0 is an exact
+        identity.
       mode: ``"absolute"``, ``"relative"``, ``"bias"`` or ``"round"``.
       fmt: format of the ``"round"`` mode.
       rounding: ``"nearest"`` or ``"stochastic"`` for the ``"round"`` mode.
