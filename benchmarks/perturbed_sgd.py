@@ -580,6 +580,18 @@ def within(value: float | None, bounds) -> bool:
     return value is not None and bounds[0] <= value <= bounds[1]
 
 
+def threshold_statement(sid: str, claim: str, sweep: dict, config) -> dict:
+    """Statement 7a or 7b from one kind's size sweep."""
+    low, high = config.threshold_range
+    return statement(
+        sid,
+        claim,
+        {"first_failing_error": sweep["threshold_error"], "last_ok_error": sweep["last_ok_error"]},
+        f"first failing relative error in [{low}, {high}]",
+        within(sweep["threshold_error"], config.threshold_range),
+    )
+
+
 def statements(r: dict, config) -> list[dict]:
     """The table of measured statements from the raw measurements ``r``."""
     seeds = r["per_seed"]
@@ -687,28 +699,18 @@ def statements(r: dict, config) -> list[dict]:
             f"[{config.recovery_slope_ratio[0]}, {config.recovery_slope_ratio[1]}]",
             rec["r2"] >= config.recovery_r2 and within(slope_ratio, config.recovery_slope_ratio),
         ),
-        statement(
+        threshold_statement(
             "7a",
             "a persistent systematic error stalls or diverges SGD once the relative "
             "gradient error reaches about 1",
-            {
-                "first_failing_error": thr["systematic"]["threshold_error"],
-                "last_ok_error": thr["systematic"]["last_ok_error"],
-            },
-            f"first failing relative error in [{config.threshold_range[0]}, "
-            f"{config.threshold_range[1]}]",
-            within(thr["systematic"]["threshold_error"], config.threshold_range),
+            thr["systematic"],
+            config,
         ),
-        statement(
+        threshold_statement(
             "7b",
             "the same for random relative noise at every operator's cotangent",
-            {
-                "first_failing_error": thr["random"]["threshold_error"],
-                "last_ok_error": thr["random"]["last_ok_error"],
-            },
-            f"first failing relative error in [{config.threshold_range[0]}, "
-            f"{config.threshold_range[1]}]",
-            within(thr["random"]["threshold_error"], config.threshold_range),
+            thr["random"],
+            config,
         ),
     ]
 

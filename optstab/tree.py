@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 # A label is a unit name for a whole leaf, or a sequence of names, one per index
@@ -169,6 +170,11 @@ def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
         index = unit if isinstance(unit, int) else jnp.asarray(unit, jnp.int32)
         total = total.at[index].add(_leaf_sum_squares(leaf, unit))
     return total
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """L2 norm of a whole pytree, computed in float32 (0 for a tree without leaves)."""
+    return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
 
 
 def unit_norms(partition: UnitPartition, tree: PyTree) -> jax.Array:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from optstab import tree as otree
 from optstab._checks import check_range
 from optstab.perturb import ops
 
@@ -217,14 +218,7 @@ class Composite:
 
 def block_norms(blocks: tuple) -> jax.Array:
     """``(N,)`` float32 L2 norm of each block."""
-    return jnp.stack(
-        [
-            jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(p, jnp.float32))) for p in leaves))
-            if (leaves := jax.tree.leaves(block))
-            else jnp.zeros((), jnp.float32)
-            for block in blocks
-        ]
-    )
+    return jnp.stack([otree.global_norm(block) for block in blocks])
 
 
 def block_errors(perturbed: tuple, clean: tuple) -> jax.Array:

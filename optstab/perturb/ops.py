@@ -122,9 +122,13 @@ def _backward_bwd(spec, residuals, cotangent):
 _backward.defvjp(_backward_fwd, _backward_bwd)
 
 
-def _checked_spec(scale, mode, fmt, rounding) -> PerturbSpec:
+def _perturbation_point(op, x, key, scale, mode, fmt, rounding) -> jax.Array:
+    """Validates the options and applies ``op``; a Python 0 ``scale`` is not even traced."""
     check_range("scale", scale, lambda s: s >= 0, ">= 0")
-    return make_spec(mode, fmt, rounding)
+    spec = make_spec(mode, fmt, rounding)
+    if is_concrete_number(scale) and scale == 0:
+        return x
+    return op(x, key, scale, spec)
 
 
 def forward(
@@ -164,10 +168,7 @@ def forward(
       >>> jax.grad(lambda x: perturb.forward(x, jax.random.key(0), 0.1).sum())(x)
       Array([1., 1.], dtype=float32)
     """
-    spec = _checked_spec(scale, mode, fmt, rounding)
-    if is_concrete_number(scale) and scale == 0:
-        return x
-    return _forward(x, key, scale, spec)
+    return _perturbation_point(_forward, x, key, scale, mode, fmt, rounding)
 
 
 def backward(
@@ -192,7 +193,4 @@ def backward(
       >>> jax.grad(f)(jnp.array([3.0, 4.0]))
       Array([0.5, 0.5], dtype=float32)
     """
-    spec = _checked_spec(scale, mode, fmt, rounding)
-    if is_concrete_number(scale) and scale == 0:
-        return x
-    return _backward(x, key, scale, spec)
+    return _perturbation_point(_backward, x, key, scale, mode, fmt, rounding)

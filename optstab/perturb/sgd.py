@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optstab import tree as otree
 from optstab._checks import check_count, check_range
 from optstab.perturb import schedules
 from optstab.perturb.composite import Composite, Injection, block_errors, jacobian_norms
@@ -93,11 +94,6 @@ def _minibatch(data_key, step, x, y, batch_size):
         return x, y
     idx = jax.random.randint(jax.random.fold_in(data_key, step), (batch_size,), 0, x.shape[0])
     return x[idx], y[idx]
-
-
-def _global_norm(tree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(p, jnp.float32))) for p in leaves))
 
 
 def classify_outcome(
@@ -221,15 +217,16 @@ def run_sgd(
                 lambda: jacobian_norms(model, pert, xb, "power", power_key)[0],
                 lambda: lipschitz,
             )
+        grad_error = block_errors(g_pert, g_exact)
         record = SGDTrace(
             loss_clean=model.loss(clean, ex, ey),
             loss=model.loss(pert, ex, ey),
-            grad_norm=_global_norm(g_pert),
-            grad_error=block_errors(g_pert, g_exact),
-            relative_grad_error=_global_norm(jax.tree.map(jnp.subtract, g_pert, g_exact))
-            / jnp.maximum(_global_norm(g_exact), jnp.finfo(jnp.float32).tiny),
+            grad_norm=otree.global_norm(g_pert),
+            grad_error=grad_error,
+            relative_grad_error=jnp.linalg.norm(grad_error)
+            / jnp.maximum(otree.global_norm(g_exact), jnp.finfo(jnp.float32).tiny),
             lipschitz=lipschitz,
-            param_norm=_global_norm(pert),
+            param_norm=otree.global_norm(pert),
             forward_size=forward,
             backward_size=backward,
         )

@@ -86,11 +86,6 @@ def _f32(x: ArrayLike) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
-def _global_norm(tree: optax.Updates) -> jax.Array:
-    """L2 norm of a whole pytree, computed in float32."""
-    return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
-
-
 def _scale_tree(tree: optax.Updates, factor: jax.Array) -> optax.Updates:
     """Multiplies every leaf by a float32 scalar in float32; each leaf keeps its dtype."""
     return jax.tree.map(lambda u: (u.astype(jnp.float32) * factor).astype(u.dtype), tree)
@@ -426,7 +421,7 @@ def zclip(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        norm = _global_norm(updates)
+        norm = otree.global_norm(updates)
         finite = jnp.isfinite(norm)
         warming_up = state.count < jnp.asarray(warmup_steps)
 
@@ -688,7 +683,7 @@ def skip_step(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        grad_norm = _global_norm(updates)
+        grad_norm = otree.global_norm(updates)
         loss = extra_args.get("loss")
         value = grad_norm if loss is None else _f32(loss)
 
