@@ -7,20 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from perturb_data import logistic_data
 
 from optstab import perturb
 from optstab.perturb import DIVERGED, LINGERING, RECOVERED
 
-
-def make_data(n=64, seed=0):
-    """A noisy linear rule in 3-D: logistic regression has a finite optimum."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, 3)).astype(np.float32)
-    y = x @ np.array([1.5, -1.0, 0.5]) + 0.5 * rng.standard_normal(n) > 0
-    return jnp.asarray(x), jnp.asarray(y.astype(np.int32))
-
-
-X, Y = make_data()
+X, Y = logistic_data()
 
 
 # Convex: L2-regularised logistic regression (one operator), with relative (random) or
