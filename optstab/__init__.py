@@ -4,7 +4,7 @@ The methods are reconstructed from the papers' abstracts (their full texts and c
 are not available); see each module's docstring for what is ours.
 """
 
-from optstab import checkpoint, lowprec, perturb, tree
+from optstab import bilevel, checkpoint, lowprec, perturb, tree
 from optstab.stability import baselines, units
 from optstab.stability.baselines import adagc, skip_step, spam, zclip
 from optstab.stability.gnmr import (
@@ -23,6 +23,7 @@ __all__ = [
     "GNMRState",
     "GNMRWrapState",
     "adagc",
+    "bilevel",
     "baselines",
     "checkpoint",
     "find_gnmr_state",

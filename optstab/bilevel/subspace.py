@@ -1,0 +1,293 @@
+"""Random subspaces for BROS: Rademacher probes and factored evaluation.
+
+Part of BROS (arXiv 2605.10288, reconstructed; see :mod:`optstab.bilevel.bros`).
+
+**Probes.** Every 2-D leaf ``W`` (``m x n``) of the lower variable with more than
+``rank`` rows gets two independent Rademacher matrices ``P, Q`` (``m x r``, entries
+``+-1/sqrt(r)``), so ``E[P P^T] = I``. Other leaves (biases, small or 1-D tensors)
+stay in full space. A leaf's coordinates are ``B`` (``r x n``) for a projected leaf
+and a full-shape array otherwise; :func:`lift` maps them back (``P B``).
+
+**Factored evaluation.** Derivatives in the subspace are taken through coordinates,
+``G(B1, B2) = g(x, y + P B1 + Q B2)`` at ``B = 0``. Forming ``y + P B1`` and
+differentiating a loss through it would cost as much as full space: autodiff keeps
+each layer input ``a`` (``batch x m``) and builds the full ``m x n`` gradient
+``a^T dh`` before projecting it. :func:`call_factored` instead traces the loss to a
+jaxpr and evaluates it with every projected leaf held as ``(W, (P, B1), (Q, B2))``.
+Where the leaf is the right operand of a matrix product contracted on its rows
+(``a @ W``: dense layers, attention projections) it computes
+``a @ W + (a @ P) @ B1 + (a @ Q) @ B2``; autodiff then keeps ``a P`` (``batch x r``)
+and yields ``P^T grad`` directly as ``(a P)^T dh``. Any other use of the leaf (a
+transpose, an embedding lookup) receives the dense sum, so the result is always
+exact; only the memory saving is lost there. A full sum of squares of the leaf
+(``jnp.sum(W ** 2)``, the usual weight decay) is also evaluated from factors. This rewriting is our
+engineering of the "projected-linear VJP" the paper describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex
+
+PyTree = Any
+
+
+class Probes(NamedTuple):
+    """Per-leaf probe pair; ``None`` for leaves kept in full space."""
+
+    left: PyTree  # P per leaf: (m, r) float32, or None
+    right: PyTree  # Q per leaf: (m, r) float32, or None
+
+
+def is_projected(leaf: Any, rank: int) -> bool:
+    """Whether a leaf of the lower variable lives in a rank-``rank`` subspace."""
+    return jnp.ndim(leaf) == 2 and jnp.shape(leaf)[0] > rank
+
+
+def rademacher(key: jax.Array, rows: int, rank: int) -> jax.Array:
+    """An ``rows x rank`` matrix with independent entries ``+-1/sqrt(rank)``."""
+    signs = jax.random.rademacher(key, (rows, rank), jnp.float32)
+    return signs * (1.0 / jnp.sqrt(jnp.float32(rank)))
+
+
+def draw_probes(key: jax.Array, y: PyTree, rank: int) -> Probes:
+    """Independent ``P`` and ``Q`` for every projected leaf of ``y``."""
+    leaves, treedef = jax.tree.flatten(y)
+    left, right = [], []
+    for index, leaf in enumerate(leaves):
+        if is_projected(leaf, rank):
+            key_p, key_q = jax.random.split(jax.random.fold_in(key, index))
+            left.append(rademacher(key_p, jnp.shape(leaf)[0], rank))
+            right.append(rademacher(key_q, jnp.shape(leaf)[0], rank))
+        else:
+            left.append(None)
+            right.append(None)
+    return Probes(jax.tree.unflatten(treedef, left), jax.tree.unflatten(treedef, right))
+
+
+def _map(fn: Callable, probes: PyTree, *trees: PyTree) -> PyTree:
+    """``fn(probe_or_None, *leaves)`` over the leaves of ``trees``."""
+    return jax.tree.map(fn, probes, *trees, is_leaf=lambda p: p is None)
+
+
+def zero_coordinates(probes: PyTree, y: PyTree) -> PyTree:
+    """Float32 zero coordinates: ``r x n`` for projected leaves, full shape otherwise."""
+
+    def zeros(p, leaf):
+        shape = jnp.shape(leaf) if p is None else (p.shape[1], jnp.shape(leaf)[1])
+        return jnp.zeros(shape, jnp.float32)
+
+    return _map(zeros, probes, y)
+
+
+def restrict(probes: PyTree, tree: PyTree) -> PyTree:
+    """Coordinates ``P^T t`` of ``tree`` (``t`` itself for full-space leaves)."""
+    return _map(lambda p, t: t if p is None else p.T @ t.astype(jnp.float32), probes, tree)
+
+
+def lift(probes: PyTree, coordinates: PyTree) -> PyTree:
+    """``P B`` for projected leaves, ``B`` for full-space leaves."""
+    return _map(lambda p, b: b if p is None else p @ b, probes, coordinates)
+
+
+def lift_descend(probes: PyTree, tree: PyTree, coordinates: PyTree, lr: jax.Array) -> PyTree:
+    """``tree - lr * P B`` leaf by leaf, in float32, kept in ``tree``'s dtype."""
+
+    def update(p, t, b):
+        step = b if p is None else p @ b
+        return (t.astype(jnp.float32) - lr * step).astype(t.dtype)
+
+    return _map(update, probes, tree, coordinates)
+
+
+# ----------------------------------------------------------------------- factored evaluation
+
+
+class Factored:
+    """A matrix ``base + sum_k P_k B_k`` kept as its factors (internal to evaluation)."""
+
+    __slots__ = ("base", "factors")
+
+    def __init__(self, base: jax.Array, factors: tuple[tuple[jax.Array, jax.Array], ...]):
+        self.base = base
+        self.factors = factors
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def dense(self) -> jax.Array:
+        out = self.base
+        for p, b in self.factors:
+            out = out + (p @ b).astype(out.dtype)
+        return out
+
+
+class SquaredFactored:
+    """The elementwise square of a :class:`Factored` matrix, kept lazy so that a full
+    sum of it (a weight-decay term) can be taken without forming the matrix."""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: Factored):
+        self.root = root
+
+    def dense(self) -> jax.Array:
+        return jnp.square(self.root.dense())
+
+    def total(self) -> jax.Array:
+        """``sum((W + sum_k P_k B_k)^2)`` from ``r x n`` and ``r x r`` products only."""
+        base = self.root.base
+        factors = [(p.astype(base.dtype), b.astype(base.dtype)) for p, b in self.root.factors]
+        out = jnp.sum(jnp.square(base))
+        for p, b in factors:
+            out = out + 2 * jnp.sum((p.T @ base) * b)
+            for q, c in factors:
+                out = out + jnp.sum(((p.T @ q) @ c) * b)
+        return out
+
+
+_LAZY = (Factored, SquaredFactored)
+
+
+def shifted(y: PyTree, probes: Probes, first: PyTree, second: PyTree, factored: bool) -> PyTree:
+    """``y + P B1 + Q B2`` per leaf; projected leaves as :class:`Factored` if asked."""
+
+    def leaf_fn(p, q, leaf, b1, b2):
+        if p is None:
+            return leaf + b1.astype(leaf.dtype) + b2.astype(leaf.dtype)
+        value = Factored(leaf, ((p, b1), (q, b2)))
+        return value if factored else value.dense()
+
+    return jax.tree.map(
+        leaf_fn, probes.left, probes.right, y, first, second, is_leaf=lambda p: p is None
+    )
+
+
+def shifted_one(y: PyTree, probes: PyTree, coordinates: PyTree, factored: bool) -> PyTree:
+    """``y + P B`` per leaf; projected leaves as :class:`Factored` if asked."""
+
+    def leaf_fn(p, leaf, b):
+        if p is None:
+            return leaf + b.astype(leaf.dtype)
+        value = Factored(leaf, ((p, b),))
+        return value if factored else value.dense()
+
+    return _map(leaf_fn, probes, y, coordinates)
+
+
+def call_factored(fn: Callable[..., jax.Array], *args: Any) -> Any:
+    """``fn(*args)`` where leaves of ``args`` may be :class:`Factored` matrices.
+
+    Traces ``fn`` once to a jaxpr on the arguments' shapes and evaluates it with the
+    factored leaves kept factored through matrix products (see the module docstring).
+    """
+    is_factored = lambda leaf: isinstance(leaf, Factored)
+    leaves, treedef = jax.tree.flatten(args, is_leaf=is_factored)
+    leaves = [leaf if is_factored(leaf) else jnp.asarray(leaf) for leaf in leaves]
+    shapes = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
+
+    def flat_fn(*flat):
+        return fn(*jax.tree.unflatten(treedef, flat))
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*shapes)
+    outs = _evaluate(closed.jaxpr, closed.consts, leaves)
+    outs = [out.dense() if isinstance(out, _LAZY) else out for out in outs]
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+_CALL_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call")
+
+
+def _evaluate(jaxpr: jex.Jaxpr, consts: list[Any], args: list[Any]) -> list[Any]:
+    env: dict[Any, Any] = {}
+
+    def read(var):
+        return var.val if isinstance(var, jex.Literal) else env[var]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        invals = [read(var) for var in eqn.invars]
+        if any(isinstance(v, _LAZY) for v in invals):
+            outvals = _evaluate_factored(eqn, invals)
+        else:
+            outvals = _bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outvals, strict=True):
+            if not isinstance(var, jex.DropVar):
+                env[var] = val
+    return [read(var) for var in jaxpr.outvars]
+
+
+def _bind(eqn: jex.JaxprEqn, invals: list[Any], **param_updates: Any) -> list[Any]:
+    params = eqn.primitive.get_bind_params({**eqn.params, **param_updates})
+    subfuns = ()
+    if isinstance(params, tuple):  # jax < 0.7 returns (subfuns, params)
+        subfuns, params = params
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _evaluate_factored(eqn: jex.JaxprEqn, invals: list[Any]) -> list[Any]:
+    name = eqn.primitive.name
+    if name == "dot_general":
+        out = _factored_dot(eqn, *invals)
+        if out is not None:
+            return [out]
+    elif name in _CALL_PRIMITIVES and isinstance(eqn.params.get("jaxpr"), jex.ClosedJaxpr):
+        sub = eqn.params["jaxpr"]
+        return _evaluate(sub.jaxpr, sub.consts, invals)
+    elif name == "convert_element_type" and isinstance(invals[0], Factored):
+        factored = invals[0]
+        return [Factored(_bind(eqn, [factored.base])[0], factored.factors)]
+    elif _is_square(eqn, invals):
+        return [SquaredFactored(invals[0])]
+    elif name == "reduce_sum" and isinstance(invals[0], SquaredFactored):
+        if sorted(eqn.params["axes"]) == list(range(invals[0].root.base.ndim)):
+            return [invals[0].total()]
+    dense = [v.dense() if isinstance(v, _LAZY) else v for v in invals]
+    return _bind(eqn, dense)
+
+
+def _is_square(eqn: jex.JaxprEqn, invals: list[Any]) -> bool:
+    """``W ** 2``, ``square(W)`` or ``W * W`` of one factored matrix."""
+    if not isinstance(invals[0], Factored):
+        return False
+    name = eqn.primitive.name
+    return (
+        name == "square"
+        or (name == "integer_pow" and eqn.params["y"] == 2)
+        or (name == "mul" and invals[1] is invals[0])
+    )
+
+
+def _factored_dot(eqn: jex.JaxprEqn, lhs: Any, rhs: Any) -> jax.Array | None:
+    """``lhs @ (W + sum P_k B_k)`` without forming ``W + sum P_k B_k``, if possible."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
+    if (
+        isinstance(lhs, Factored)
+        or not isinstance(rhs, Factored)
+        or rhs.base.ndim != 2
+        or tuple(rhs_contract) != (0,)
+        or lhs_batch
+        or rhs_batch
+    ):
+        return None
+    out = _bind(eqn, [lhs, rhs.base])[0]
+    for p, b in rhs.factors:
+        projected = _bind(eqn, [lhs, p.astype(rhs.base.dtype)])[0]
+        last = projected.ndim - 1
+        numbers = (((last,), (0,)), ((), ()))
+        projected = projected.astype(rhs.base.dtype)
+        part = _bind(eqn, [projected, b.astype(rhs.base.dtype)], dimension_numbers=numbers)[0]
+        out = out + part.astype(out.dtype)
+    return out
