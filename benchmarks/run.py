@@ -2,7 +2,7 @@
 
     python -m benchmarks.run STUDY [--quick] [--seeds N] [--out results]
 
-``STUDY`` is ``spike_injection``, ``overhead`` or ``all``. For each study the runner
+``STUDY`` is one of ``STUDIES`` below or ``all``. For each study the runner
 loads ``configs/<study>.py`` (``get_config("quick")`` with ``--quick``, else
 ``get_config("full")``), calls ``benchmarks.<study>.run(config)``, writes the returned
 dict to ``<out>/<study>.json``, draws ``<out>/<study>.png`` and prints a summary table.
@@ -18,7 +18,14 @@ from pathlib import Path
 
 from benchmarks import reporting
 
-STUDIES = ("spike_injection", "overhead", "perturbed_sgd")
+STUDIES = (
+    "spike_injection",
+    "overhead",
+    "perturbed_sgd",
+    "bilevel_cleaning",
+    "bilevel_memory",
+    "bilevel_mixture",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
