@@ -26,6 +26,7 @@ engineering of the "projected-linear VJP" the paper describes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -232,7 +233,8 @@ def _bind(eqn: jex.JaxprEqn, invals: list[Any], **param_updates: Any) -> list[An
     subfuns = ()
     if isinstance(params, tuple):  # jax < 0.7 returns (subfuns, params)
         subfuns, params = params
-    with eqn.ctx.manager:
+    context = eqn.ctx.manager if hasattr(eqn, "ctx") else contextlib.nullcontext()
+    with context:
         out = eqn.primitive.bind(*subfuns, *invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
