@@ -47,6 +47,7 @@ from optstab.bilevel.problem import (
     check_positive_int,
     check_problem,
     check_radius,
+    check_rank,
 )
 from optstab.bilevel.soba import bilevel_transform, ma_soba
 
@@ -98,7 +99,7 @@ def bros(
       only; reconstructed).
     """
     check_problem(problem)
-    check_positive_int("rank", rank, allow_none=True)
+    check_rank(rank)
     check_positive_int("resample_every", resample_every)
     check_average(average)
     check_radius(radius)

@@ -55,15 +55,6 @@ def initial_inner(problem: BilevelProblem, x: PyTree) -> PyTree:
     return init(x) if callable(init) else init
 
 
-def as_key(key: jax.Array | int) -> jax.Array:
-    """A typed PRNG key from an int seed, a raw uint32 key or a typed key."""
-    if isinstance(key, int):
-        return jax.random.key(key)
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
-
-
 def as_schedule(name: str, value: optax.ScalarOrSchedule) -> optax.Schedule:
     """A step-size schedule from a number, an array or a schedule ``count -> size``."""
     if callable(value):
@@ -90,10 +81,19 @@ def check_radius(radius: Any) -> None:
         check_range("radius", radius, lambda r: r > 0, "> 0 or None")
 
 
-def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
+def check_positive_int(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is an array or a whole number >= 1."""
+    if not (is_concrete_number(value) or hasattr(value, "dtype")):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_range(name, value, lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1")
+
+
+def check_rank(rank: Any) -> None:
+    """``rank`` sets array shapes, so it must be a Python int >= 1 (or ``None``)."""
+    if rank is None:
         return
-    ok = is_concrete_number(value) and float(value).is_integer() and value >= 1
-    if not ok:
-        allowed = "an integer >= 1" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if not (is_concrete_number(rank) and float(rank).is_integer() and rank >= 1):
+        raise ValueError(
+            f"rank must be a Python integer >= 1 or None (it is static: pass it in "
+            f"inject_hyperparams' static_args), got {rank!r}"
+        )

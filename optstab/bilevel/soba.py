@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optstab._random import as_key
 from optstab.bilevel import oracles
 from optstab.bilevel.problem import (
     BilevelProblem,
     BilevelState,
     PyTree,
-    as_key,
     as_schedule,
     check_average,
     check_problem,

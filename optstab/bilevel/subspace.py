@@ -2,8 +2,8 @@
 
 Part of BROS (arXiv 2605.10288, reconstructed; see :mod:`optstab.bilevel.bros`).
 
-**Probes.** Every 2-D leaf ``W`` (``m x n``) of the lower variable with more than
-``rank`` rows gets two independent Rademacher matrices ``P, Q`` (``m x r``, entries
+**Probes.** Every 2-D leaf ``W`` (``m x n``) of the lower variable with
+``min(m, n) > rank`` gets two independent Rademacher matrices ``P, Q`` (``m x r``, entries
 ``+-1/sqrt(r)``), so ``E[P P^T] = I``. Other leaves (biases, small or 1-D tensors)
 stay in full space. A leaf's coordinates are ``B`` (``r x n``) for a projected leaf
 and a full-shape array otherwise; :func:`lift` maps them back (``P B``).
@@ -45,8 +45,12 @@ class Probes(NamedTuple):
 
 
 def is_projected(leaf: Any, rank: int) -> bool:
-    """Whether a leaf of the lower variable lives in a rank-``rank`` subspace."""
-    return jnp.ndim(leaf) == 2 and jnp.shape(leaf)[0] > rank
+    """Whether a leaf of the lower variable lives in a rank-``rank`` subspace.
+
+    Only 2-D leaves with both dimensions above ``rank`` are projected: otherwise the
+    probe (``m x r``) or the coordinates (``r x n``) would be no smaller than the leaf.
+    """
+    return jnp.ndim(leaf) == 2 and min(jnp.shape(leaf)) > rank
 
 
 def rademacher(key: jax.Array, rows: int, rank: int) -> jax.Array:
@@ -136,18 +140,19 @@ class SquaredFactored:
     """The elementwise square of a :class:`Factored` matrix, kept lazy so that a full
     sum of it (a weight-decay term) can be taken without forming the matrix."""
 
-    __slots__ = ("root",)
+    __slots__ = ("root", "dtype")
 
-    def __init__(self, root: Factored):
+    def __init__(self, root: Factored, dtype: Any = None):
         self.root = root
+        self.dtype = root.dtype if dtype is None else dtype  # after a cast of the square
 
     def dense(self) -> jax.Array:
-        return jnp.square(self.root.dense())
+        return jnp.square(self.root.dense()).astype(self.dtype)
 
     def total(self) -> jax.Array:
         """``sum((W + sum_k P_k B_k)^2)`` from ``r x n`` and ``r x r`` products only."""
-        base = self.root.base
-        factors = [(p.astype(base.dtype), b.astype(base.dtype)) for p, b in self.root.factors]
+        base = self.root.base.astype(self.dtype)
+        factors = [(p.astype(self.dtype), b.astype(self.dtype)) for p, b in self.root.factors]
         out = jnp.sum(jnp.square(base))
         for p, b in factors:
             out = out + 2 * jnp.sum((p.T @ base) * b)
@@ -251,6 +256,8 @@ def _evaluate_factored(eqn: jex.JaxprEqn, invals: list[Any]) -> list[Any]:
     elif name == "convert_element_type" and isinstance(invals[0], Factored):
         factored = invals[0]
         return [Factored(_bind(eqn, [factored.base])[0], factored.factors)]
+    elif name == "convert_element_type" and isinstance(invals[0], SquaredFactored):
+        return [SquaredFactored(invals[0].root, eqn.params["new_dtype"])]
     elif _is_square(eqn, invals):
         return [SquaredFactored(invals[0])]
     elif name == "reduce_sum" and isinstance(invals[0], SquaredFactored):
@@ -284,12 +291,13 @@ def _factored_dot(eqn: jex.JaxprEqn, lhs: Any, rhs: Any) -> jax.Array | None:
         or rhs_batch
     ):
         return None
+    dtype = rhs.base.dtype
+    # One product with the stacked probes [P Q] and coordinates [B1; B2]: a single
+    # batch x n partial result instead of one per factor.
+    probes = jnp.concatenate([p.astype(dtype) for p, _ in rhs.factors], axis=1)
+    coordinates = jnp.concatenate([b.astype(dtype) for _, b in rhs.factors], axis=0)
+    projected = _bind(eqn, [lhs, probes])[0].astype(dtype)
+    numbers = (((projected.ndim - 1,), (0,)), ((), ()))
+    part = _bind(eqn, [projected, coordinates], dimension_numbers=numbers)[0]
     out = _bind(eqn, [lhs, rhs.base])[0]
-    for p, b in rhs.factors:
-        projected = _bind(eqn, [lhs, p.astype(rhs.base.dtype)])[0]
-        last = projected.ndim - 1
-        numbers = (((last,), (0,)), ((), ()))
-        projected = projected.astype(rhs.base.dtype)
-        part = _bind(eqn, [projected, b.astype(rhs.base.dtype)], dimension_numbers=numbers)[0]
-        out = out + part.astype(out.dtype)
-    return out
+    return out + part.astype(out.dtype)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from optstab._checks import check_count, check_range
+from optstab._random import as_key  # noqa: F401  (re-exported: schedules.as_key)
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -106,19 +107,3 @@ def operator_keys(root: jax.Array, step: jax.Array, num_operators: int) -> jax.A
     """Keys of one step, shape ``(num_operators, 2)``: column 0 forward, column 1 backward."""
     keys = jax.random.split(jax.random.fold_in(root, step), 2 * num_operators)
     return keys.reshape(num_operators, 2)
-
-
-def as_key(key: jax.Array | int) -> jax.Array:
-    """A typed PRNG key from an int seed, a raw ``uint32[2]`` key or a typed key.
-
-    The seed may also be a scalar integer array (``optax.inject_hyperparams`` turns an
-    int ``key`` argument into one).
-    """
-    if isinstance(key, int):
-        return jax.random.key(key)
-    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
-        return jax.random.key(key)
-    return jax.random.wrap_key_data(key)

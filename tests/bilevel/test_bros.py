@@ -1,0 +1,246 @@
+"""optstab.bilevel.bros: MA-SOBA with lower and auxiliary steps in random subspaces."""
+
+import functools
+
+import bilevel_data as bd
+import conformance as cf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from optstab import bilevel
+from optstab.bilevel import subspace
+
+BETA, GAMMA, THETA = 0.3, 0.2, 0.4
+
+
+def _np(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+# ------------------------------------------------------------- one step, by hand
+
+
+def hand_bros_step(state, x, inner_batch, outer_batch, rank, resample_every):
+    """One BROS update computed from dense derivatives (float64 numpy) and the probes
+    the library draws: ``draw_probes(fold_in(key, count // resample_every), y, rank)``.
+
+    The MLP problem's ``y`` has a projected leaf ``w`` (6 x 3) and a full-space ``b``.
+    """
+    period = int(state.count) // resample_every
+    probes = subspace.draw_probes(jax.random.fold_in(state.key, period), state.y, rank)
+    assert probes.left["b"] is None and probes.left["w"] is not None
+    p, q = np.asarray(probes.left["w"], np.float64), np.asarray(probes.right["w"], np.float64)
+
+    parts = bd.flat_hessian_parts(bd.MLP, x, state.y, inner_batch, outer_batch)
+    tree_y = lambda flat: _np(parts["unravel_y"](jnp.asarray(flat, jnp.float32)))
+    hessian, cross = np.asarray(parts["hessian"], np.float64), np.asarray(parts["cross"])
+    grad_g, grad_f = tree_y(parts["grad_y_g"]), tree_y(parts["grad_y_f"])
+    y, z, w = _np(state.y), _np(state.z), _np(state.w)
+
+    # z seen through the right probe: Q Q^T z on the projected leaf, z elsewhere.
+    right_z = {"w": q @ q.T @ z["w"], "b": z["b"]}
+    # Flatten in ravel_pytree's (sorted-key) order: "b" then "w".
+    flat_right_z = np.concatenate([right_z["b"].ravel(), right_z["w"].ravel()])
+    h_right_z = {
+        "b": (hessian @ flat_right_z)[: z["b"].size],
+        "w": (hessian @ flat_right_z)[z["b"].size :].reshape(z["w"].shape),
+    }
+    new_y = {"w": y["w"] - BETA * p @ p.T @ grad_g["w"], "b": y["b"] - BETA * grad_g["b"]}
+    new_z = {
+        "w": z["w"] - GAMMA * p @ (p.T @ h_right_z["w"] - p.T @ grad_f["w"]),
+        "b": z["b"] - GAMMA * (h_right_z["b"] - grad_f["b"]),
+    }
+    direction = np.asarray(parts["grad_x_f"], np.float64) - cross @ flat_right_z
+    _, unravel_x = ravel_pytree(x)
+    direction = _np(unravel_x(jnp.asarray(direction, jnp.float32)))
+    new_w = jax.tree.map(lambda a, d: (1 - THETA) * a + THETA * d, w, direction)
+    return new_y, new_z, new_w
+
+
+def _assert_close(got, want, rtol=2e-5):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        w = np.asarray(w, np.float64)
+        atol = rtol * np.abs(w).max()
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "dense"])
+def test_one_update_matches_the_hand_computation(factored):
+    rank, resample_every, count = 2, 3, 7  # period 7 // 3 = 2
+    tx = bilevel.bros(
+        bd.MLP, rank, BETA, GAMMA, average=THETA, key=5,
+        resample_every=resample_every, factored=factored,
+    )  # fmt: skip
+    state = bd.mlp_state(tx, seed=1, count=count)
+    (inner_batch, outer_batch) = jax.tree.map(lambda a: a[0], bd.mlp_batches(1))
+    x = bd.MLP_X
+    updates, new = jax.jit(tx.update)(x, state, x, inner_batch=inner_batch, outer_batch=outer_batch)
+
+    want_y, want_z, want_w = hand_bros_step(
+        state, x, inner_batch, outer_batch, rank, resample_every
+    )
+    _assert_close(new.y, want_y)
+    _assert_close(new.z, want_z)
+    _assert_close(new.w, want_w)
+    cf.assert_trees_equal(updates, new.w)  # the transform outputs the averaged w
+    assert int(new.count) == count + 1
+    cf.assert_trees_equal(new.key, state.key)
+    # Not a vacuous match: the update did move z.
+    assert not np.allclose(new.z["w"], state.z["w"])
+
+
+# ---------------------------------------------------------- relations to MA-SOBA
+
+
+def _mlp_run(tx, steps=4, seed=0):
+    inner, outer = bd.mlp_batches(steps, seed=seed)
+    return bd.run(tx, bd.MLP_X, tx.init(bd.MLP_X), inner, outer)
+
+
+REFERENCE_KW = {"average": 0.3, "radius": 5.0, "key": 4}
+
+
+@functools.cache
+def _ma_soba_reference_run():
+    return _mlp_run(bilevel.ma_soba(bd.MLP, 0.2, 0.1, **REFERENCE_KW))
+
+
+def test_rank_none_is_ma_soba_bit_for_bit():
+    got = _mlp_run(bilevel.bros(bd.MLP, None, 0.2, 0.1, **REFERENCE_KW))
+    cf.assert_trees_equal(got, _ma_soba_reference_run())  # x, (y, z, w, key, count), updates
+    assert not np.allclose(got[1].z["w"], 0.0)
+
+
+def test_rank_at_least_every_row_count_follows_ma_soba():
+    # No leaf has more rows than the rank: everything stays in full space, P = Q = I.
+    got = _mlp_run(bilevel.bros(bd.MLP, bd.MLP_IN, 0.2, 0.1, **REFERENCE_KW))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+            cf.as_numpy(a), cf.as_numpy(b), rtol=1e-5, atol=1e-7
+        ),
+        got,
+        _ma_soba_reference_run(),
+    )
+
+
+# ------------------------------------------------------------------ randomness
+
+
+@jax.jit
+def _bros_run_with_key(key, inner, outer):
+    tx = bilevel.bros(bd.MLP, 2, 0.2, 0.1, average=0.5, key=key)
+    return bd.run_fn(tx, bd.MLP_X, tx.init(bd.MLP_X), inner, outer)
+
+
+def test_same_key_same_bits_other_key_other_result():
+    inner, outer = bd.mlp_batches(3)
+    first = _bros_run_with_key(jax.random.key(3), inner, outer)
+    again = _bros_run_with_key(jax.random.key(3), inner, outer)
+    cf.assert_trees_equal(first, again)
+    other = _bros_run_with_key(jax.random.key(4), inner, outer)
+    assert not np.allclose(other[1].y["w"], first[1].y["w"])
+    assert not np.allclose(other[0]["shift"], first[0]["shift"])
+
+
+def test_int_seed_raw_key_and_typed_key_give_the_same_state_key():
+    # A run depends on the key only through state.key.
+    keys = [
+        bilevel.bros(bd.MLP, 2, 0.1, 0.1, key=key).init(bd.MLP_X).key
+        for key in (3, jax.random.PRNGKey(3), jax.random.key(3))
+    ]
+    for key in keys:
+        assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+        cf.assert_trees_equal(key, jax.random.key(3))
+
+
+@jax.jit
+def _update_at_count(count):
+    tx = bilevel.bros(bd.MLP, 2, 0.2, 0.1, average=0.5, key=9, resample_every=3)
+    state = bd.mlp_state(tx, seed=2)._replace(count=count)
+    inner, outer = jax.tree.map(lambda a: a[0], bd.mlp_batches(1))
+    updates, new = tx.update(bd.MLP_X, state, bd.MLP_X, inner_batch=inner, outer_batch=outer)
+    return updates, new.y, new.z
+
+
+def test_resample_every_keeps_probes_within_a_period():
+    # The learning rates are constant, so the count reaches an update only through the
+    # probes: updates at counts of one period (3, 4, 5) are identical, and the
+    # neighbouring periods' (count 2, count 6) differ. (The hand computation above
+    # pins the period index itself: fold_in(key, count // resample_every).)
+    results = {c: _update_at_count(jnp.int32(c)) for c in (2, 3, 4, 5, 6)}
+    for c in (4, 5):
+        cf.assert_trees_equal(results[c], results[3])
+    for c in (2, 6):
+        assert not np.allclose(results[c][1]["w"], results[3][1]["w"]), c
+        assert not np.allclose(results[c][2]["w"], results[3][2]["w"]), c
+
+
+# ---------------------------------------------------------------- convergence
+
+QUAD_STEPS = 2000
+
+
+@jax.jit
+def _bros_quadratic(key):
+    """Rank 4 of 8 rows; returns the mean of the iterates over the second half."""
+    tx = optax.chain(bilevel.bros(bd.QUAD, 4, 0.1, 0.02, average=0.1, key=key), optax.sgd(0.05))
+    x = jnp.zeros(bd.QUAD_X)
+
+    def body(carry, _):
+        x, state = carry
+        updates, state = tx.update(x, state, x, inner_batch=None, outer_batch=None)
+        x = optax.apply_updates(x, updates)
+        inner = bilevel.find_bilevel_state(state)
+        return (x, state), (x, inner.y, inner.z)
+
+    _, (xs, ys, zs) = jax.lax.scan(body, (x, tx.init(x)), None, length=QUAD_STEPS)
+    half = QUAD_STEPS // 2
+    return xs[half:].mean(0), ys[half:].mean(0), zs[half:].mean(0)
+
+
+def test_bros_below_full_rank_approaches_the_closed_form_solution():
+    # Stochastic: the cross term J Q Q^T z stays noisy at the solution, and the
+    # auxiliary step's second moment grows like (rows / rank)^2 (aux_lr 0.03 already
+    # diverges for rank 2 of 8). Small steps and the mean of the late iterates; these
+    # four keys measured 0.6-3.4% relative error in x (max entry), y within 0.023 and
+    # z within 0.07 (|z*| ~ 1.3); 0.6% for the mean over keys. Bounds: ~3x margin.
+    x_star, y_star, z_star = bd.quad_solution()
+    keys = jax.random.split(jax.random.key(0), 4)
+    xs, ys, zs = (np.asarray(a, np.float64) for a in jax.vmap(_bros_quadratic)(keys))
+    scale = np.abs(x_star).max()
+    for x, y, z in zip(xs, ys, zs, strict=True):
+        assert np.abs(x - x_star).max() < 0.1 * scale, x
+        assert np.abs(y - y_star).max() < 0.1
+        assert np.abs(z - z_star).max() < 0.2
+    # Averaged over the keys the error shrinks further (the runs' noise is independent).
+    assert np.abs(xs.mean(0) - x_star).max() < 0.05 * scale
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("rank", [0, -1, 2.5, True, "2"])
+def test_bad_rank_raises(rank):
+    with pytest.raises(ValueError, match="rank"):
+        bilevel.bros(bd.MLP, rank, 0.1, 0.1)
+
+
+@pytest.mark.parametrize("resample_every", [0, -2, 1.5, None])
+def test_bad_resample_every_raises(resample_every):
+    with pytest.raises(ValueError, match="resample_every"):
+        bilevel.bros(bd.MLP, 2, 0.1, 0.1, resample_every=resample_every)
+
+
+def test_integral_float_rank_is_accepted():
+    bilevel.bros(bd.MLP, 2.0, 0.2, 0.1)  # a whole number given as a float is fine
+    bilevel.bros(bd.MLP, np.int64(2), 0.2, 0.1, resample_every=np.int32(3))
+
+
+def test_resample_every_as_array_is_not_validated():
+    tx = bilevel.bros(bd.MLP, 2, 0.2, 0.1, average=0.5, key=3, resample_every=jnp.int32(2))
+    want = bilevel.bros(bd.MLP, 2, 0.2, 0.1, average=0.5, key=3, resample_every=2)
+    cf.assert_trees_equal(_mlp_run(tx, steps=3), _mlp_run(want, steps=3))
