@@ -1,4 +1,6 @@
-"""Shared pieces of the bilevel studies: corrupted digits and the weighted MLP losses.
+"""Shared pieces of the bilevel studies: corrupted digits and the weighted MLP losses,
+and (for ``bilevel_cleaning`` and ``bilevel_memory``) solvers by name and the donated
+update step with its compile time, compiled bytes and round-robin step time.
 
 Data: scikit-learn's digits (1797 images of 8x8 pixels, 10 classes; offline). A fixed
 stratified split into train / validation / test; features standardised on train.
@@ -8,7 +10,8 @@ A fraction of the training labels is replaced by a label drawn uniformly from th
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,7 @@ import optax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from benchmarks import models
+from benchmarks import measure, models
 from optstab import bilevel
 
 
@@ -111,3 +114,125 @@ def detection_f1(weight_logits: np.ndarray, corrupted: np.ndarray) -> float:
     precision = true_positive / max(int(predicted.sum()), 1)
     recall = true_positive / max(int(corrupted.sum()), 1)
     return float(2 * precision * recall / max(precision + recall, 1e-12))
+
+
+# ---------------------------------------------------------------------------
+# Solvers by name, the donated update step and its measurement (shared by the
+# bilevel_cleaning and bilevel_memory studies)
+
+BILEVEL_NAMES = ("soba", "ma_soba")  # plus "bros_r{rank}" and "bros_r{rank}_naive"
+
+
+def bros_rank(name: str) -> int | None:
+    """The rank in ``"bros_r{rank}"`` or ``"bros_r{rank}_naive"``; ``None`` otherwise."""
+    if not name.startswith("bros_r"):
+        return None
+    digits = name[len("bros_r") :].removesuffix("_naive")
+    if not digits.isdigit():
+        raise ValueError(f"cannot read a rank from method name {name!r}")
+    return int(digits)
+
+
+def is_bilevel(name: str) -> bool:
+    """Whether ``name`` is a bilevel solver (SOBA, MA-SOBA or a BROS variant)."""
+    return name in BILEVEL_NAMES or bros_rank(name) is not None
+
+
+def bros_names(ranks: Sequence[int], naive: bool = False) -> list[str]:
+    """``bros_r{rank}`` (or ``bros_r{rank}_naive``) for every rank."""
+    return [f"bros_r{rank}" + ("_naive" if naive else "") for rank in ranks]
+
+
+def make_solver(
+    name: str,
+    problem: bilevel.BilevelProblem,
+    inner_lr: float,
+    aux_lr: float,
+    average: float,
+    outer_lr: float,
+    key: int = 0,
+    radius: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``chain(solver, sgd(outer_lr))`` for a method name.
+
+    ``soba``, ``ma_soba``, ``bros_r{rank}`` (factored BROS) or ``bros_r{rank}_naive``
+    (``factored=False``); every solver gets the same step sizes. SOBA ignores
+    ``average`` (it is MA-SOBA with ``average=1``).
+    """
+    rank = bros_rank(name)
+    if name == "soba":
+        solver = bilevel.soba(problem, inner_lr, aux_lr, radius=radius, key=key)
+    elif name == "ma_soba":
+        solver = bilevel.ma_soba(problem, inner_lr, aux_lr, average, radius=radius, key=key)
+    elif rank is not None:
+        solver = bilevel.bros(
+            problem,
+            rank,
+            inner_lr,
+            aux_lr,
+            average,
+            radius=radius,
+            key=key,
+            factored=not name.endswith("_naive"),
+        )
+    else:
+        raise ValueError(f"unknown bilevel method {name!r}")
+    return optax.chain(solver, optax.sgd(outer_lr))
+
+
+def bilevel_step(tx: optax.GradientTransformationExtraArgs) -> Callable:
+    """``(x, state, inner_batch, outer_batch) -> (x, state)``: one update of ``x``."""
+
+    def step(x, state, inner_batch, outer_batch):
+        # The bilevel transform ignores the incoming updates; x stands in for them.
+        updates, state = tx.update(x, state, x, inner_batch=inner_batch, outer_batch=outer_batch)
+        return optax.apply_updates(x, updates), state
+
+    return step
+
+
+class CompiledStep(NamedTuple):
+    """A step compiled with its first two arguments donated, and what it cost."""
+
+    fn: Any  # the compiled executable
+    compile_s: float
+    memory: dict[str, int]  # measure.memory_bytes: argument, output, temp, alias, total
+
+
+def compile_step(step: Callable, *args: Any) -> CompiledStep:
+    """Compiles ``step(*args)`` donating ``args[0]`` and ``args[1]``; memory from XLA."""
+    compiled, seconds = measure.compile_timed(step, *args, donate_argnums=(0, 1))
+    return CompiledStep(compiled, seconds, measure.memory_bytes(compiled))
+
+
+def fresh_copy(tree: Any) -> Any:
+    """New buffers with the values of ``tree`` (a donated call deletes its inputs)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def time_compiled_steps(
+    compiled: Mapping[str, CompiledStep],
+    carries: Mapping[str, tuple[Any, Any]],
+    batches: Mapping[str, tuple[Any, ...]],
+    repeats: int,
+    warmup: int,
+    desc: str = "step time",
+) -> dict[str, list[float]]:
+    """Per-call seconds of every compiled step, measured round-robin.
+
+    ``carries[name]`` is the donated ``(first, second)`` pair (copied here, so the
+    caller's arrays survive); ``batches[name]`` the remaining, fixed arguments.
+    """
+
+    def runner(name):
+        fn, extra = compiled[name].fn, batches[name]
+        return lambda carry: fn(*carry, *extra)
+
+    times, _ = measure.interleaved_times(
+        {name: runner(name) for name in compiled},
+        {name: fresh_copy(carries[name]) for name in compiled},
+        repeats=repeats,
+        warmup=warmup,
+        desc=desc,
+    )
+    return times

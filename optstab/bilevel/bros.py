@@ -115,13 +115,13 @@ def bros(
         zeros = subspace.zero_coordinates(probes.left, state.y)
 
         outer_x, outer_y = _outer_pass(problem, probes, x, state.y, zeros, outer_batch, factored)
-        x_, y_, z_ = oracles.after((outer_x, outer_y), x, state.y, state.z)
+        x_, z_, inner_batch = oracles.after((outer_x, outer_y), x, state.z, inner_batch)
         right_z = subspace.restrict(probes.right, z_)
         grad_y, hessian_z, cross_z = _inner_pass(
-            problem, probes, x_, y_, zeros, right_z, inner_batch, factored
+            problem, probes, x_, state.y, zeros, right_z, inner_batch, factored
         )
 
-        y = subspace.lift_descend(probes.left, y_, grad_y, beta(state.count))
+        y = subspace.lift_descend(probes.left, state.y, grad_y, beta(state.count))
         aux_coordinates = jax.tree.map(jnp.subtract, hessian_z, outer_y)
         z = subspace.lift_descend(probes.left, z_, aux_coordinates, gamma(state.count))
         direction = jax.tree.map(jnp.subtract, outer_x, cross_z)

@@ -160,9 +160,9 @@ def ma_soba(
 
     def step(state: BilevelState, x, inner_batch, outer_batch):
         outer = oracles.outer_gradients(problem, x, state.y, outer_batch)
-        x_, y_, z_ = oracles.after(outer, x, state.y, state.z)
-        inner = oracles.inner_oracles(problem, x_, y_, z_, inner_batch)
-        y = descend(y_, inner.grad_y, beta(state.count))
+        x_, z_, inner_batch = oracles.after(outer, x, state.z, inner_batch)
+        inner = oracles.inner_oracles(problem, x_, state.y, z_, inner_batch)
+        y = descend(state.y, inner.grad_y, beta(state.count))
         aux_direction = jax.tree.map(jnp.subtract, inner.hessian_z, outer.y)
         z = descend(z_, aux_direction, gamma(state.count))
         direction = jax.tree.map(jnp.subtract, outer.x, inner.cross_z)

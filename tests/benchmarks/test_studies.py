@@ -77,3 +77,58 @@ def test_perturbed_sgd_reports_every_statement(tmp_path):
     assert len(json.loads(path.read_text())["summary"]["statements"]) == 9
     assert perturbed_sgd.plot(result, tmp_path / "perturbed_sgd.png").exists()
     assert "statements pass" in perturbed_sgd.table(result)
+
+
+def test_bilevel_cleaning_runs_on_a_tiny_config(tmp_path):
+    from benchmarks import bilevel_cleaning
+    from configs import bilevel_cleaning as cleaning_config
+
+    config = cleaning_config.get_config("quick")
+    config.methods = ("no_cleaning", "oracle", "ma_soba", "bros_r4")
+    config.memory_only_methods = ("bros_r4_naive",)
+    config.hidden, config.num_seeds, config.num_steps, config.eval_every = (16, 16), 2, 6, 3
+    config.warmup_rounds, config.step_repeats = 0, 1
+    result = bilevel_cleaning.run(config)
+    summary = result["summary"]
+    methods = summary["methods"]
+    assert list(methods) == [*config.methods, "bros_r4_naive"]
+    for m in methods.values():
+        assert {"test_acc", "detect_f1", "peak_bytes", "step_time_s"} <= set(m)
+    assert methods["no_cleaning"]["detect_f1"] is None and methods["oracle"]["detect_f1"] is None
+    assert 0.0 <= methods["bros_r4"]["detect_f1"] <= 1.0
+    assert methods["bros_r4_naive"]["test_acc"] is None  # memory columns only
+    assert "memory_reduction_vs_ma_soba" in summary
+    assert {"bros_r4_within_1pt_of_ma_soba", "bros_r4_time_ratio_ok"} <= set(summary["goal"])
+    path = reporting.write_json(result, tmp_path / "cleaning.json")
+    assert json.loads(path.read_text())["study"] == "bilevel_cleaning"
+    assert bilevel_cleaning.plot(result, tmp_path / "cleaning.png").exists()
+    text = bilevel_cleaning.table(result)
+    assert all(name in text for name in methods)
+
+
+def test_bilevel_memory_runs_on_a_tiny_config(tmp_path):
+    from benchmarks import bilevel_memory
+    from configs import bilevel_memory as memory_config
+
+    config = memory_config.get_config("quick")
+    config.widths, config.batch_size = (16,), 4
+    config.batches, config.batch_width = (4, 8), 16
+    config.ranks, config.naive_ranks, config.time_naive = (4,), (4,), True
+    config.warmup_rounds, config.step_repeats = 0, 1
+    result = bilevel_memory.run(config)
+    summary = result["summary"]
+    points = summary["points"]
+    assert [(p["width"], p["batch"], p["sweeps"]) for p in points] == [
+        (16, 4, ["width", "batch"]),
+        (16, 8, ["batch"]),
+    ]
+    for point in points:
+        assert list(point["methods"]) == ["ma_soba", "bros_r4", "bros_r4_naive"]
+        assert point["methods"]["ma_soba"]["bytes_ratio"] == 1.0
+    assert set(summary["largest_config_reduction"]) == {"bros_r4", "bros_r4_naive"}
+    assert {"bros_r4_saves_45pct_at_largest", "bros_r4_time_ratio_ok_at_largest"} <= set(
+        summary["goal"]
+    )
+    assert bilevel_memory.plot(result, tmp_path / "memory.png").exists()
+    text = bilevel_memory.table(result)
+    assert "bros_r4_naive" in text and "ma_soba" in text

@@ -14,11 +14,11 @@ from optstab.bilevel import subspace
 # ----------------------------------------------------------------------------- probes
 
 
-def test_probes_cover_exactly_the_2d_leaves_larger_than_the_rank():
+def test_probes_cover_exactly_the_2d_leaves_with_more_rows_than_the_rank():
     y = {
         "tall": jnp.zeros((7, 4)),
         "square_at_rank": jnp.zeros((3, 5)),  # rows == rank: kept in full space
-        "narrow": jnp.zeros((9, 3)),  # columns == rank: probes no smaller than the leaf
+        "narrow": jnp.zeros((9, 3)),  # few columns: projected all the same
         "bias": jnp.zeros(9),
         "cube": jnp.zeros((8, 2, 2)),
         "pair": (jnp.zeros((4, 5)), jnp.zeros(())),
@@ -26,7 +26,7 @@ def test_probes_cover_exactly_the_2d_leaves_larger_than_the_rank():
     probes = subspace.draw_probes(jax.random.key(0), y, rank=3)
     for side in (probes.left, probes.right):
         assert side["square_at_rank"] is None and side["bias"] is None
-        assert side["narrow"] is None
+        assert side["narrow"].shape == (9, 3)
         assert side["cube"] is None and side["pair"][1] is None
         assert side["tall"].shape == (7, 3) and side["pair"][0].shape == (4, 3)
         for p in (side["tall"], side["pair"][0]):
