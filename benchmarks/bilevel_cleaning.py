@@ -376,7 +376,7 @@ def table(result: dict) -> str:
         reporting.format_table(headers, rows),
         "memory reduction vs ma_soba (best BROS rank within 1 pt): "
         + ("none qualifies" if reduction is None else f"{100 * reduction:.1f}%")
-        + " (negative: more bytes than ma_soba)",
+        + (" (more bytes than ma_soba)" if reduction is not None and reduction < 0 else ""),
         f"goals (BROS test acc within {100 * config['goal_accuracy_gap']:.0f} pt of ma_soba, "
         f"step time <= {config['goal_time_ratio']}x):",
         reporting.format_goals(s["goal"]),
