@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from optstab._random import as_key
+from optstab._state import find_unique
 from optstab.bilevel import oracles
 from optstab.bilevel.problem import (
     BilevelProblem,
@@ -196,13 +197,7 @@ def find_bilevel_state(opt_state: PyTree) -> BilevelState:
     Raises:
       ValueError: when there is no bilevel state or more than one.
     """
-    is_state = lambda node: isinstance(node, BilevelState)
-    found = [n for n in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(n)]
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one bilevel state in the optimizer state, found {len(found)}"
-        )
-    return found[0]
+    return find_unique(opt_state, BilevelState, "bilevel")
 
 
 def inner_params(opt_state: PyTree) -> PyTree:

@@ -81,6 +81,7 @@ import optax
 
 from optstab import tree as ot
 from optstab._checks import check_count, check_range
+from optstab._state import find_unique
 from optstab.stability.warmup import reset_ramp
 
 PyTree = Any
@@ -616,13 +617,7 @@ def find_gnmr_state(opt_state: PyTree) -> GNMRState:
     Raises:
       ValueError: when there is no GNMR state or more than one.
     """
-    is_state = lambda node: isinstance(node, GNMRState)
-    found = [n for n in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(n)]
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one GNMR state in the optimizer state, found {len(found)}"
-        )
-    return _unwrap_variables(found[0])
+    return _unwrap_variables(find_unique(opt_state, GNMRState, "GNMR"))
 
 
 def _unwrap_variables(state: GNMRState) -> GNMRState:
