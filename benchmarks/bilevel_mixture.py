@@ -8,9 +8,9 @@ with its own corruption, named in ``config.domains`` as ``"kind"`` or
 
 * ``clean``: untouched;
 * ``label_noise:f``: a fraction ``f`` of the labels replaced by a *different* class
-  (``bilevel_problems.corrupt_labels``). Even at ``f = 0.8`` the true class stays the
-  most frequent label of an image's class (20 % against 8.9 % for each wrong
-  class), so such a domain is very noisy but not void;
+  (``bilevel_problems.corrupt_labels``). Even at ``f = 0.8``, among the images of
+  one class the true label stays the most frequent one (20 % against 8.9 % for
+  each wrong class), so such a domain is very noisy but not void;
 * ``shuffled``: the shard's labels permuted at random, so labels carry no
   information about the images;
 * ``feature_noise:s``: labels kept, Gaussian noise of standard deviation ``s`` added
@@ -19,31 +19,37 @@ with its own corruption, named in ``config.domains`` as ``"kind"`` or
 The default design is ``clean``, ``label_noise:0.3``, ``label_noise:0.8``,
 ``shuffled``. The target domain is clean digits: the validation split (360 images)
 is the upper-level data and the test split (360 images) is used only for reporting.
-Per seed, the shard assignment, the corruption, the MLP initialisation, every
-minibatch and BROS's probe key are drawn from that seed alone; the train / validation
-/ test split is fixed.
+Per seed, the shard assignment and the corruption come from numpy's
+``default_rng([seed, s, 0])``, and the MLP initialisation (He-normal, the layout of
+``models.mlp_init``), every minibatch index and BROS's probe key from
+``default_rng([seed, s, 1])``: every method sees the same data, initialisation and
+minibatches within a seed. The train / validation / test split is fixed.
 
 Problem. Upper variable ``x``: K mixture logits, initialised at 0 (uniform mixture
 ``softmax(x)``). Lower variable ``y``: an MLP (64 -> hidden -> 10). With one
 minibatch of ``batch_size`` images per domain, stacked as ``(K, b, ...)``::
 
     g(x, y) = sum_k softmax(x)_k * mean_i CE(y; domain-k minibatch) + l2/2 ||y||^2
-    f(x, y) = mean_i CE(y; validation minibatch)
+    f(x, y) = mean_i CE(y; validation minibatch of outer_batch_size)
 
 Methods. ``soba``, ``ma_soba`` and ``bros_r{rank}`` (``optstab.bilevel``) chained with
-``optax.sgd`` or ``optax.adam`` over ``x`` (``config.outer_optimizer``), all with the
-same step sizes, which were tuned on MA-SOBA's target validation loss (see the
-config). Two baselines train the MLP alone with plain SGD on ``g`` at the same lower
-step size and the same minibatches: ``uniform`` (``x`` fixed at 0) and
-``oracle_clean`` (all weight on the clean domain, which a practitioner who knew the
-corruption would pick).
+``optax.sgd(outer_lr)`` over ``x`` (``optax.adam`` if ``outer_optimizer="adam"``), all
+with the same settings, tuned on MA-SOBA's validation loss (see the config and
+:func:`tune`). Two baselines train the MLP alone with plain SGD on ``g`` on the same
+minibatches: ``uniform`` (``x`` fixed at 0) and ``oracle_clean`` (all weight on the
+clean domain, the mixture someone who knew the corruption would pick); each has its
+own lower step, tuned on its own validation loss (``config.method_overrides``).
+SOBA runs as MA-SOBA with ``average = 1``, which is how ``bilevel.soba`` is defined.
 
 Measured, per seed: the final mixture ``softmax(x)``, the test accuracy and loss of
 the final lower variable ``y`` (the target accuracy), its loss on the whole
-validation split, and every ``record_every`` steps the mixture and the validation
-loss. The summary gives medians over seeds; ``mixture`` is the per-domain median
-renormalised to sum to one (``mixture_per_seed`` has the raw values). Training is a
-``lax.scan`` over steps under ``jax.vmap`` over seeds: one compilation per method.
+validation split, divergence (a non-finite ``y`` or mixture), and every
+``record_every`` steps the mixture and the whole-validation loss. The summary gives
+medians over seeds; ``mixture`` is the per-domain median over the finite seeds,
+renormalised to sum to one (``mixture_per_seed`` has the raw values), ``ranking``
+the domains from largest to smallest weight. Training is a ``lax.scan`` over steps
+under ``jax.vmap`` over seeds (and over settings that share a compiled function:
+the two baselines, SOBA with MA-SOBA, a tuning grid).
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def describe_domain(spec: str) -> str:
     return {
         "clean": "clean labels and pixels",
         "label_noise": f"{amount:.0%} of labels replaced by a wrong class",
-        "shuffled": "labels randomly permuted (no information)",
+        "shuffled": "labels randomly permuted, so no information",
         "feature_noise": f"clean labels, Gaussian pixel noise of std {amount:g}",
     }[kind]
 
@@ -196,11 +202,12 @@ def check_method(name: str) -> None:
 HYPER_KEYS = ("inner_lr", "aux_lr", "average", "outer_lr", "l2")
 
 
-def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    """The step sizes, ``l2`` and the radius (if any) as float32 scalars: they enter the
-    jitted training as arguments, so a grid of them (the tuning) costs one compilation."""
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The shared step sizes, ``l2`` and the radius (if any). They enter the jitted
+    training as float32 arguments, so a grid of them (the tuning) costs one
+    compilation."""
     keys = HYPER_KEYS if config.radius is None else (*HYPER_KEYS, "radius")
-    return {key: jnp.float32(config[key]) for key in keys}
+    return {key: float(config[key]) for key in keys}
 
 
 def outer_optimizer(kind: str, learning_rate: jax.Array) -> optax.GradientTransformation:
@@ -531,6 +538,9 @@ def summarize_method(out: dict) -> dict:
         "mixture": None if median_mixture is None else median_mixture.tolist(),
         "clean_weight": float(np.median(mixture[finite, 0])) if finite.any() else None,
         "noisy_weight": float(np.median(mixture[finite, 1:].sum(axis=1))) if finite.any() else None,
+        "ranking": None
+        if median_mixture is None
+        else np.argsort(-median_mixture, kind="stable").tolist(),
         "diverged": int(np.sum(~out["finite"])),
         "mixture_per_seed": mixture.tolist(),
     }
@@ -554,9 +564,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "val_loss_curve": reporting.to_jsonable(out["curves"]["val_loss"], digits=5),
         }
         settings = method_hyper(config, name)
-        if name in BASELINES:
-            settings = {k: settings[k] for k in ("inner_lr", "l2")}
         methods[name] = {**summarize_method(out), "settings": settings}
+        if name in BASELINES:  # a fixed mixture: no learned order, no outer step
+            methods[name]["settings"] = {k: settings[k] for k in ("inner_lr", "l2")}
+            methods[name]["ranking"] = None
     label_acc = data["label_acc"]
     domains = [
         {
@@ -595,7 +606,7 @@ def table(result: dict) -> str:
     summary = result["summary"]
     domains = summary["domains"]
     headers = ["method", "inner_lr", "target_acc", "target_loss", "val_loss"]
-    headers += [f"w{d['index']}" for d in domains] + ["diverged"]
+    headers += [f"w{d['index']}" for d in domains] + ["order", "diverged"]
     rows = []
     num_seeds = result["config"]["num_seeds"]
     for name, m in summary["methods"].items():
@@ -603,6 +614,7 @@ def table(result: dict) -> str:
         rows.append(
             [name, m["settings"]["inner_lr"], m["target_acc"], m["target_loss"], m["val_loss"]]
             + [None if w is None else f"{w:.3f}" for w in weights]
+            + [">".join(map(str, m["ranking"])) if m["ranking"] else None]
             + [f"{m['diverged']}/{num_seeds}"]
         )
     legend = [f"  w{d['index']}: {d['spec']} ({d['description']})" for d in domains]
@@ -654,9 +666,11 @@ def plot(result: dict, path) -> Any:
 
     ax = axes[1]
     styles = ["-", "--", ":", "-."]
-    steps = (np.arange(config["num_steps"] // config["record_every"]) + 1) * config["record_every"]
+    steps = np.arange(config["num_steps"] // config["record_every"] + 1) * config["record_every"]
+    start = np.full((1, len(domains)), 1.0 / len(domains))  # x = 0 at step 0
     for i, name in enumerate(solvers):
-        curve = np.asarray(result["raw"][name]["mixture_curve"], dtype=float)[0]  # seed 0
+        seed0 = np.asarray(result["raw"][name]["mixture_curve"], dtype=float)[0]
+        curve = np.concatenate([start, seed0])
         for k in range(len(domains)):
             ax.plot(
                 steps,
@@ -668,7 +682,8 @@ def plot(result: dict, path) -> Any:
             )
     ax.axhline(1.0 / len(domains), color="k", lw=0.6, ls=":")
     ax.set_xlabel("step")
-    ax.set_ylabel("mixture weight (colour = domain)")
+    ax.set_yscale("log")  # the noisy weights fall by orders of magnitude
+    ax.set_ylabel("mixture weight (colour = domain, log scale)")
     ax.set_title("seed 0: mixture over steps (line style = solver)")
     ax.legend(loc="best", fontsize=7)
 
