@@ -55,7 +55,6 @@ the two baselines, SOBA with MA-SOBA, a tuning grid).
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Any
 
 import jax
@@ -65,7 +64,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from benchmarks import bilevel_problems, models, reporting
+from benchmarks import bilevel_problems, measure, models, reporting
 from optstab import bilevel
 
 NUM_CLASSES = 10
@@ -187,15 +186,8 @@ def mixture_problem(init_params: models.Params, l2: float) -> bilevel.BilevelPro
     )
 
 
-def bros_rank(name: str) -> int | None:
-    """The rank of a ``bros_r{rank}`` method name, else None."""
-    if name.startswith("bros_r") and name[len("bros_r") :].isdigit():
-        return int(name[len("bros_r") :])
-    return None
-
-
 def check_method(name: str) -> None:
-    if name not in ("soba", "ma_soba", *BASELINES) and bros_rank(name) is None:
+    if name not in ("soba", "ma_soba", *BASELINES) and bilevel_problems.bros_rank(name) is None:
         raise ValueError(f"unknown method {name!r}")
 
 
@@ -236,7 +228,7 @@ def solver(
     else:
         transform = bilevel.bros(
             problem,
-            bros_rank(name),
+            bilevel_problems.bros_rank(name),
             average=hyper["average"],
             resample_every=config.resample_every,
             **common,
@@ -397,13 +389,7 @@ def train_kind(
         data["x_test"],
         data["y_test"],
     )
-    start = time.perf_counter()
-    compiled = train.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    return jax.tree.map(np.asarray, out), compile_s, run_s
+    return measure.compile_and_run(train, *args)
 
 
 def method_hyper(config: ml_collections.ConfigDict, name: str) -> dict[str, float]:
@@ -445,7 +431,7 @@ def jobs_of(config: ml_collections.ConfigDict, num_domains: int) -> list[tuple[s
     if soba_like:
         jobs.append(("ma_soba", soba_like, stack(soba_like)))
     for name in config.methods:
-        if bros_rank(name) is not None:
+        if bilevel_problems.bros_rank(name) is not None:
             jobs.append((name, [name], stack([name])))
     return jobs
 

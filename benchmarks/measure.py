@@ -31,6 +31,20 @@ def compile_timed(
     return compiled, time.perf_counter() - start
 
 
+def compile_and_run(jitted: Any, *args: Any) -> tuple[Any, float, float]:
+    """Compiles a jitted function for ``args`` and runs it once.
+
+    Returns the outputs as numpy arrays, the compile seconds and the run seconds.
+    """
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    run_s = time.perf_counter() - start
+    return jax.tree.map(np.asarray, out), compile_s, run_s
+
+
 def memory_bytes(compiled: Any) -> dict[str, int]:
     """Bytes of a compiled executable: its parts and ``total`` = arg + out + temp - alias."""
     stats = compiled.memory_analysis()

@@ -43,7 +43,6 @@ and budget denials. The training loop is one ``lax.scan`` over steps under
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -55,7 +54,7 @@ from tqdm.auto import tqdm
 
 import optstab
 from benchmarks import data as data_lib
-from benchmarks import models, reporting
+from benchmarks import measure, models, reporting
 from optstab.stability import baselines
 
 GNMR_METHODS = ("gnmr_clip", "gnmr_skip", "gnmr_clip_budget2", "gnmr_skip_budget2")
@@ -348,13 +347,7 @@ def train_method(
     """Trains ``name`` on every seed; returns numpy outputs, compile and run seconds."""
     train = make_train(name, config, split, clip)
     args = (setup, split.x_train, split.y_train, split.x_test, split.y_test)
-    start = time.perf_counter()
-    compiled = train.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    run_s = time.perf_counter() - start
-    return jax.tree.map(np.asarray, out), compile_s, run_s
+    return measure.compile_and_run(train, *args)
 
 
 # ---------------------------------------------------------------------------
