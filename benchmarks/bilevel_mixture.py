@@ -218,21 +218,16 @@ def solver(
     key: jax.Array,
 ) -> optax.GradientTransformationExtraArgs:
     """The bilevel transform of method ``name``, chained with the outer optimizer."""
-    common = dict(
-        inner_lr=hyper["inner_lr"], aux_lr=hyper["aux_lr"], radius=hyper.get("radius"), key=key
+    transform = bilevel_problems.solver_by_name(
+        name,
+        problem,
+        hyper["inner_lr"],
+        hyper["aux_lr"],
+        hyper["average"],
+        key=key,
+        radius=hyper.get("radius"),
+        resample_every=config.resample_every,
     )
-    if name == "soba":
-        transform = bilevel.soba(problem, **common)
-    elif name == "ma_soba":
-        transform = bilevel.ma_soba(problem, average=hyper["average"], **common)
-    else:
-        transform = bilevel.bros(
-            problem,
-            bilevel_problems.bros_rank(name),
-            average=hyper["average"],
-            resample_every=config.resample_every,
-            **common,
-        )
     return optax.chain(transform, outer_optimizer(config.outer_optimizer, hyper["outer_lr"]))
 
 

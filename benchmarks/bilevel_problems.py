@@ -143,6 +143,41 @@ def bros_names(ranks: Sequence[int], naive: bool = False) -> list[str]:
     return [f"bros_r{rank}" + ("_naive" if naive else "") for rank in ranks]
 
 
+def solver_by_name(
+    name: str,
+    problem: bilevel.BilevelProblem,
+    inner_lr: Any,
+    aux_lr: Any,
+    average: Any,
+    key: Any = 0,
+    radius: Any = None,
+    resample_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    """The bilevel transform of a method name (step sizes may be traced arrays).
+
+    ``soba``, ``ma_soba``, ``bros_r{rank}`` (factored BROS) or ``bros_r{rank}_naive``
+    (``factored=False``). SOBA ignores ``average`` (it is MA-SOBA with ``average=1``).
+    """
+    rank = bros_rank(name)
+    if name == "soba":
+        return bilevel.soba(problem, inner_lr, aux_lr, radius=radius, key=key)
+    if name == "ma_soba":
+        return bilevel.ma_soba(problem, inner_lr, aux_lr, average, radius=radius, key=key)
+    if rank is not None:
+        return bilevel.bros(
+            problem,
+            rank,
+            inner_lr,
+            aux_lr,
+            average,
+            radius=radius,
+            key=key,
+            resample_every=resample_every,
+            factored=not name.endswith("_naive"),
+        )
+    raise ValueError(f"unknown bilevel method {name!r}")
+
+
 def make_solver(
     name: str,
     problem: bilevel.BilevelProblem,
@@ -153,30 +188,8 @@ def make_solver(
     key: int = 0,
     radius: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """``chain(solver, sgd(outer_lr))`` for a method name.
-
-    ``soba``, ``ma_soba``, ``bros_r{rank}`` (factored BROS) or ``bros_r{rank}_naive``
-    (``factored=False``); every solver gets the same step sizes. SOBA ignores
-    ``average`` (it is MA-SOBA with ``average=1``).
-    """
-    rank = bros_rank(name)
-    if name == "soba":
-        solver = bilevel.soba(problem, inner_lr, aux_lr, radius=radius, key=key)
-    elif name == "ma_soba":
-        solver = bilevel.ma_soba(problem, inner_lr, aux_lr, average, radius=radius, key=key)
-    elif rank is not None:
-        solver = bilevel.bros(
-            problem,
-            rank,
-            inner_lr,
-            aux_lr,
-            average,
-            radius=radius,
-            key=key,
-            factored=not name.endswith("_naive"),
-        )
-    else:
-        raise ValueError(f"unknown bilevel method {name!r}")
+    """``chain(solver_by_name(...), sgd(outer_lr))``."""
+    solver = solver_by_name(name, problem, inner_lr, aux_lr, average, key=key, radius=radius)
     return optax.chain(solver, optax.sgd(outer_lr))
 
 
