@@ -387,6 +387,17 @@ def assert_trees_equal(a: PyTree, b: PyTree) -> None:
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(as_numpy(x), as_numpy(y)), a, b)
 
 
+def assert_row_close(batched: PyTree, single: PyTree, row: int, rtol: float, atol: float) -> None:
+    """Row ``row`` of every leaf of a vmapped result is close to a separate run's leaf."""
+    jax.tree.map(
+        lambda b, s: np.testing.assert_allclose(
+            as_numpy(b)[row], as_numpy(s), rtol=rtol, atol=atol
+        ),
+        batched,
+        single,
+    )
+
+
 def all_finite(tree: PyTree) -> bool:
     leaves = [
         x

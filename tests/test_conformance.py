@@ -192,13 +192,7 @@ def test_vmap_over_seeds_matches_separate_runs(case):
         # Near-exact, not bit-exact: XLA may fuse and reduce the batched program in
         # another order, and the spike (x1000) amplifies those last-bit differences
         # in the second moments (observed up to ~2e-5 relative).
-        jax.tree.map(
-            lambda b, s, i=i: np.testing.assert_allclose(
-                cf.as_numpy(b)[i], cf.as_numpy(s), rtol=1e-4, atol=1e-6
-            ),
-            batched,
-            single,
-        )
+        cf.assert_row_close(batched, single, i, rtol=1e-4, atol=1e-6)
     losses = np.asarray(batched[2]["loss"])
     assert len(set(losses[:, 0].tolist())) == len(seeds), "the seeds gave identical runs"
 

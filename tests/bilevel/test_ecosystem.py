@@ -143,13 +143,7 @@ def test_vmap_over_keys_matches_separate_runs():
     for i in range(len(keys)):
         single = _bros_run(keys[i])
         # Near-exact: the batched program may fuse and reduce in another order.
-        jax.tree.map(
-            lambda b, s, i=i: np.testing.assert_allclose(
-                cf.as_numpy(b)[i], cf.as_numpy(s), rtol=1e-5, atol=1e-6
-            ),
-            batched,
-            single,
-        )
+        cf.assert_row_close(batched, single, i, rtol=1e-5, atol=1e-6)
     finals = np.asarray(batched[0]["shift"])
     assert len({tuple(row) for row in finals.tolist()}) == len(keys), "keys gave equal runs"
 
