@@ -1,9 +1,50 @@
-"""Low-precision number formats, simulated in float32 ("fake quantization").
+"""Low-precision training, simulated in float32 ("fake quantization").
 
-Only the rounding kernel lives here so far (:func:`round_to_format`); the perturbation
-lab (:mod:`optstab.perturb`) uses it for its low-precision rounding mode.
+* :mod:`~optstab.lowprec.formats`: rounding onto the grids of float8 e4m3 / e5m2,
+  float4 e2m1 and int8 (nearest or stochastic, saturating).
+* :mod:`~optstab.lowprec.scaling`: scaled quantization (per-tensor or per-token,
+  current or delayed scaling) with straight-through gradients, and cotangent
+  quantization for the backward pass.
+* :mod:`~optstab.lowprec.layers`: :class:`QuantLinear`, an ``nnx.Linear`` with a traced
+  per-layer precision switch driven by :func:`optstab.recovery_mask` through
+  :func:`set_high_precision`.
 """
 
-from optstab.lowprec.formats import FORMATS, FloatFormat, round_to_format
+from optstab.lowprec.formats import FORMATS, FloatFormat, IntFormat, round_to_format
+from optstab.lowprec.layers import (
+    HighPrecision,
+    QuantLinear,
+    QuantState,
+    high_precision_flags,
+    quant_layers,
+    set_high_precision,
+)
+from optstab.lowprec.scaling import (
+    QuantConfig,
+    amax,
+    fake_quant,
+    quant_config,
+    quantize,
+    quantize_cotangent,
+    scale_from_amax,
+)
 
-__all__ = ["FORMATS", "FloatFormat", "round_to_format"]
+__all__ = [
+    "FORMATS",
+    "FloatFormat",
+    "HighPrecision",
+    "IntFormat",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantState",
+    "amax",
+    "fake_quant",
+    "high_precision_flags",
+    "quant_config",
+    "quant_layers",
+    "quantize",
+    "quantize_cotangent",
+    "round_to_format",
+    "scale_from_amax",
+    "set_high_precision",
+]

@@ -1,4 +1,4 @@
-"""Rounding to small floating-point formats (float8 e4m3 / e5m2, float4 e2m1) in float32.
+"""Rounding to small number formats (float8 e4m3 / e5m2, float4 e2m1, int8) in float32.
 
 A value is rounded to the nearest number representable in the format (ties to even),
 or stochastically to one of its two neighbours with probabilities that make the result
@@ -9,6 +9,9 @@ The grid spacing at ``x`` is ``2 ** (max(e, e_min) - mantissa_bits)`` with ``e``
 binary exponent of ``|x|`` (``2 ** e <= |x| < 2 ** (e + 1)``) and ``e_min`` the smallest
 normal exponent, so subnormals are handled by the same formula. Rounding on this grid
 is exact in float32 for these formats.
+
+``int8`` is the symmetric integer grid ``-127 .. 127`` (spacing 1; -128 is not used,
+so the grid is symmetric as in common int8 recipes).
 
 Out-of-range values saturate. A value beyond the format's largest finite number maps
 to that number (with its sign), and infinities map to it too; NaN stays NaN. This is
@@ -33,18 +36,28 @@ class FloatFormat(NamedTuple):
     max_value: float  # largest finite value
 
 
-FORMATS: dict[str, FloatFormat] = {
+class IntFormat(NamedTuple):
+    """A symmetric integer format: the integers in ``[-max_value, max_value]``."""
+
+    name: str
+    max_value: float  # largest integer, 2 ** (bits - 1) - 1
+
+
+Format = FloatFormat | IntFormat
+
+FORMATS: dict[str, Format] = {
     "float8_e4m3": FloatFormat("float8_e4m3", 3, -6, 448.0),
     "float8_e5m2": FloatFormat("float8_e5m2", 2, -14, 57344.0),
     "float4_e2m1": FloatFormat("float4_e2m1", 1, 0, 6.0),
+    "int8": IntFormat("int8", 127.0),
 }
 
 ROUNDINGS = ("nearest", "stochastic")
 
 
-def get_format(fmt: str | FloatFormat) -> FloatFormat:
+def get_format(fmt: str | Format) -> Format:
     """Looks a format up by name; raises ``ValueError`` for an unknown one."""
-    if isinstance(fmt, FloatFormat):
+    if isinstance(fmt, FloatFormat | IntFormat):
         return fmt
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {tuple(FORMATS)}, got {fmt!r}")
@@ -56,8 +69,10 @@ def check_rounding(rounding: str) -> None:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
-def grid_spacing(x: jax.Array, fmt: FloatFormat) -> jax.Array:
+def grid_spacing(x: jax.Array, fmt: Format) -> jax.Array:
     """Distance between the two representable neighbours of each element of ``x``."""
+    if isinstance(fmt, IntFormat):
+        return jnp.ones_like(x)
     _, e = jnp.frexp(jnp.abs(x))  # |x| = m * 2**e with m in [0.5, 1)
     exponent = jnp.maximum(e - 1, fmt.min_exponent)
     return jnp.ldexp(jnp.ones_like(x), exponent - fmt.mantissa_bits)
@@ -65,7 +80,7 @@ def grid_spacing(x: jax.Array, fmt: FloatFormat) -> jax.Array:
 
 def round_to_format(
     x: jax.Array,
-    fmt: str | FloatFormat = "float8_e4m3",
+    fmt: str | Format = "float8_e4m3",
     rounding: str = "nearest",
     key: jax.Array | None = None,
 ) -> jax.Array:
@@ -74,7 +89,7 @@ def round_to_format(
     Args:
       x: any float array.
       fmt: ``"float8_e4m3"`` (max 448), ``"float8_e5m2"`` (max 57344), ``"float4_e2m1"``
-        (max 6) or a :class:`FloatFormat`.
+        (max 6), ``"int8"`` (max 127), or a :class:`FloatFormat` / :class:`IntFormat`.
       rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (up with probability
         equal to the distance from the lower neighbour over the grid spacing).
       key: PRNG key, required for stochastic rounding.

@@ -1,0 +1,203 @@
+"""Scaled fake quantization: per-tensor or per-token scales, current or delayed.
+
+A tensor ``x`` is stored in a narrow format as ``round(x / s) * s``: the scale ``s``
+maps the tensor's absolute maximum (its *amax*) onto the format's largest value, so
+the whole range of the format is used. We simulate this in float32 ("fake
+quantization"); no narrow dtype is stored and the matmul itself runs in float32, as
+on hardware that accumulates FP8 or int8 products in float32.
+
+* Scaling granularity: ``"per_tensor"`` (one scale) or ``"per_token"`` (one scale per
+  row, i.e. per index of all leading axes, the amax taken over the last axis).
+* Scale source: ``"current"`` (the amax of this very tensor) or ``"delayed"`` (the
+  largest amax in a history of the last ``history`` calls, as in FP8 recipes with an
+  amax history; the history is state that the caller carries, see
+  :mod:`optstab.lowprec.layers`). Delayed scaling lags: a burst of large values
+  saturates on its first call, and the inflated scale outlives the burst by up to
+  ``history`` calls. With an empty (all-zero) history the current amax is used.
+  Delayed scaling is per-tensor only (rows change from call to call).
+* A zero or non-finite amax gives scale 1.
+* Out-of-range values saturate at the format's largest value (see
+  :mod:`optstab.lowprec.formats` for why we saturate rather than produce NaN).
+* Gradients: :func:`fake_quant` is straight-through (the identity VJP), as in
+  quantization-aware training. :func:`quantize_cotangent` is the identity on values
+  and quantizes the cotangent instead (current scaling only), to simulate a
+  low-precision backward pass.
+
+These choices (saturation, straight-through gradients, the empty-history rule,
+per-tensor weights) are ours; they follow common FP8 and int8 training recipes but no
+particular paper.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optstab.lowprec import formats
+
+SCALINGS = ("per_tensor", "per_token")
+SCALE_MODES = ("current", "delayed")
+
+
+class QuantConfig(NamedTuple):
+    """Static options of a fake-quantized matmul (hashable; build with :func:`quant_config`).
+
+    Attributes:
+      fmt: format of the activations and weights (the matmul inputs).
+      scaling: ``"per_tensor"`` or ``"per_token"`` for the activations; weights are
+        always scaled per tensor.
+      scale_mode: ``"current"`` or ``"delayed"`` (activations; weights use current).
+      rounding: ``"nearest"`` or ``"stochastic"``.
+      history: amax history length for delayed scaling.
+      backward_fmt: format of the output cotangent (current scaling, same granularity
+        as ``scaling``), or ``None`` to keep the backward pass in float32.
+    """
+
+    fmt: str = "float8_e4m3"
+    scaling: str = "per_tensor"
+    scale_mode: str = "current"
+    rounding: str = "nearest"
+    history: int = 16
+    backward_fmt: str | None = None
+
+
+def quant_config(
+    fmt: str = "float8_e4m3",
+    scaling: str = "per_tensor",
+    scale_mode: str = "current",
+    rounding: str = "nearest",
+    history: int = 16,
+    backward_fmt: str | None = None,
+) -> QuantConfig:
+    """Validates the options; raises ``ValueError`` naming the bad one."""
+    formats.get_format(fmt)
+    if backward_fmt is not None:
+        formats.get_format(backward_fmt)
+    formats.check_rounding(rounding)
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    if scale_mode == "delayed" and scaling != "per_tensor":
+        raise ValueError("scale_mode='delayed' needs scaling='per_tensor'")
+    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+        raise ValueError(f"history must be a static int >= 1, got {history!r}")
+    return QuantConfig(fmt, scaling, scale_mode, rounding, int(history), backward_fmt)
+
+
+def amax(x: jax.Array, scaling: str = "per_tensor") -> jax.Array:
+    """float32 absolute maximum: a scalar, or per row (last axis kept, size 1)."""
+    magnitude = jnp.abs(jnp.asarray(x, jnp.float32))
+    if scaling == "per_tensor":
+        return jnp.max(magnitude)
+    if scaling == "per_token":
+        return jnp.max(magnitude, axis=-1, keepdims=True)
+    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+
+
+def scale_from_amax(amax_value: jax.Array, fmt: str | formats.Format) -> jax.Array:
+    """``amax / max_value`` of the format; 1 where the amax is zero or not finite."""
+    spec = formats.get_format(fmt)
+    usable = jnp.isfinite(amax_value) & (amax_value > 0)
+    return jnp.where(usable, amax_value / spec.max_value, 1.0).astype(jnp.float32)
+
+
+def delayed_amax(history: jax.Array, current: jax.Array) -> jax.Array:
+    """The amax delayed scaling uses: the history's maximum, or ``current`` if it is empty."""
+    past = jnp.max(history)
+    return jnp.where(past > 0, past, current)
+
+
+def push_history(history: jax.Array, value: jax.Array) -> jax.Array:
+    """The history with ``value`` as its newest entry (the oldest one drops out)."""
+    return jnp.concatenate([jnp.reshape(value, (1,)).astype(history.dtype), history[:-1]])
+
+
+def quantize(
+    x: jax.Array,
+    scale: jax.Array,
+    fmt: str | formats.Format = "float8_e4m3",
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``round(x / scale) * scale`` on the format's grid, in ``x``'s dtype (no gradient rule).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optstab.lowprec import quantize
+      >>> x = jnp.array([0.01, 1.0, 100.0])
+      >>> quantize(x, jnp.float32(100.0 / 127), "int8").tolist()  # 0.01 is below one step
+      [0.0, 0.787401..., 100.0]
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+    rounded = formats.round_to_format(jnp.asarray(x, jnp.float32) / scale, fmt, rounding, key)
+    return (rounded * scale).astype(jnp.asarray(x).dtype)
+
+
+def fake_quant(
+    x: jax.Array,
+    scale: jax.Array,
+    fmt: str | formats.Format = "float8_e4m3",
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`quantize` with a straight-through gradient (the VJP is the identity)."""
+    quantized = quantize(x, scale, fmt, rounding, key)
+    # x - x is exactly 0 for finite x, so the value is exactly the quantized one.
+    return x - jax.lax.stop_gradient(x) + jax.lax.stop_gradient(quantized)
+
+
+class _CotangentSpec(NamedTuple):
+    fmt: str
+    scaling: str
+    rounding: str
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _quantize_cotangent(x, key, skip, spec):
+    return x
+
+
+def _quantize_cotangent_fwd(x, key, skip, spec):
+    return x, (key, skip)
+
+
+def _quantize_cotangent_bwd(spec, residuals, cotangent):
+    key, skip = residuals
+    scale = scale_from_amax(amax(cotangent, spec.scaling), spec.fmt)
+    quantized = quantize(cotangent, scale, spec.fmt, spec.rounding, key)
+    return jnp.where(skip, cotangent, quantized), None, None
+
+
+_quantize_cotangent.defvjp(_quantize_cotangent_fwd, _quantize_cotangent_bwd)
+
+
+def quantize_cotangent(
+    x: jax.Array,
+    fmt: str = "float8_e5m2",
+    scaling: str = "per_tensor",
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    skip: jax.Array | bool = False,
+) -> jax.Array:
+    """Identity on values; the cotangent flowing back through ``x`` is quantized.
+
+    Args:
+      x: any float array.
+      fmt, scaling, rounding: as in :class:`QuantConfig` (current scaling).
+      key: PRNG key, required for stochastic rounding.
+      skip: traced bool; where true the cotangent passes unchanged (high precision).
+    """
+    formats.get_format(fmt)
+    formats.check_rounding(rounding)
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("key is required for rounding='stochastic'")
+    if key is None:
+        key = jax.random.key(0)  # unused by nearest rounding
+    spec = _CotangentSpec(fmt, scaling, rounding)
+    return _quantize_cotangent(x, key, jnp.asarray(skip, bool), spec)
