@@ -25,6 +25,7 @@ STUDIES = (
     "bilevel_cleaning",
     "bilevel_memory",
     "bilevel_mixture",
+    "lowprec_lm",
 )
 
 

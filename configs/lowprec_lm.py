@@ -1,0 +1,80 @@
+"""Config of the ``lowprec_lm`` study (see ``benchmarks/lowprec_lm.py``)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(size: str = "quick") -> ml_collections.ConfigDict:
+    if size not in ("quick", "full"):
+        raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
+    quick = size == "quick"
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.num_seeds = 3
+    c.methods = (
+        "reference", "none", "clip_by_global_norm", "zclip", "spam", "skip_step",
+        "gnmr_precision", "gnmr_precision_clip", "oracle_precision",
+    )  # fmt: skip
+
+    # Model and data: byte-level decoder, stdlib sources (benchmarks/lm.py).
+    c.width = 64 if quick else 256
+    c.depth = 2 if quick else 6
+    c.heads = 4 if quick else 8
+    c.mlp_width = 4 * c.width
+    c.context = 32 if quick else 256
+    c.batch_size = 16 if quick else 64
+    c.num_steps = 400 if quick else 5000
+    c.eval_every = 50 if quick else 250
+    c.curve_stride = 1 if quick else 5
+    c.val_windows = 64 if quick else 256
+    c.val_fraction = 0.1
+
+    # AdamW.
+    c.learning_rate = 3e-3 if quick else 1e-3
+    c.b1 = 0.9
+    c.b2 = 0.95
+    c.eps = 1e-8
+    c.weight_decay = 0.01
+
+    # Low precision of the stressed runs.
+    c.quant = ml_collections.ConfigDict(
+        {"fmt": "int8", "scaling": "per_tensor", "scale_mode": "delayed",
+         "rounding": "nearest", "history": 16, "backward_fmt": None}
+    )  # fmt: skip
+
+    # Stress: outlier bursts at the input of one quantized layer at a time.
+    c.burst_start = 50
+    c.burst_prob = 0.02
+    c.burst_length = (20, 40)
+    c.burst_channels = 2
+    c.burst_layers = ("qkv", "proj", "up", "down")
+    c.alpha_min = 100.0
+    c.alpha_max = 1000.0
+
+    # Persistent degradation: no bursts, a coarse format everywhere.
+    c.persistent = True
+    c.persistent_quant = ml_collections.ConfigDict(
+        {"fmt": "float4_e2m1", "scaling": "per_tensor", "scale_mode": "current",
+         "rounding": "nearest", "history": 16, "backward_fmt": None}
+    )  # fmt: skip
+
+    # Methods.
+    c.clip_norm = 1.0
+    c.gnmr = ml_collections.ConfigDict(
+        {"threshold": 3.0, "delta_threshold": 2.0, "max_recover": 1, "lock_steps": 10,
+         "warmup_steps": 20}
+    )  # fmt: skip
+    c.zclip = ml_collections.ConfigDict({"alpha": 0.97, "z_threshold": 2.5, "warmup_steps": 25})
+    c.spam = ml_collections.ConfigDict(
+        {"spike_threshold": 5000.0, "reset_interval": 500, "reset_warmup_steps": 150}
+    )
+    c.skip_step = ml_collections.ConfigDict({"window": 128, "num_sigma": 6.0})
+
+    # Reporting.
+    c.spike_window = 20
+    c.spike_factor = 1.5
+    c.goal_gap_closed = 0.8
+    c.goal_recovery_rate = 0.1
+    c.visible_gap = 0.05
+    return c
