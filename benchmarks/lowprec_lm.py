@@ -26,7 +26,11 @@ the optstab baselines before / around AdamW. ``gnmr_precision``: ``optstab.gnmr`
 action ``("precision",)`` chained before AdamW, its units one per layer (the layer's
 path), and the training step sets ``lowprec.set_high_precision(model,
 optstab.recovery_mask(opt_state))`` before the forward pass. ``gnmr_precision_clip``:
-the same with action ``("precision", "clip")``.
+the same with action ``("precision", "clip")``. ``oracle_precision`` (an extra row, not
+a contender) holds in float32 the layer that was under a burst on the previous step: a
+perfect detector acting as late as GNMR does, to separate detection from action. The
+persistent regime reuses the bursts regime's reference run (the float32 path never
+sees the outliers or the format, so the run is the same bit for bit; a test checks it).
 
 Measured per seed: validation loss every ``eval_every`` steps and at the end; train loss
 per step (spikes: a step whose loss exceeds the median of the previous
