@@ -26,9 +26,14 @@ the optstab baselines before / around AdamW. ``gnmr_precision``: ``optstab.gnmr`
 action ``("precision",)`` chained before AdamW, its units one per layer (the layer's
 path), and the training step sets ``lowprec.set_high_precision(model,
 optstab.recovery_mask(opt_state))`` before the forward pass. ``gnmr_precision_clip``:
-the same with action ``("precision", "clip")``. ``oracle_precision`` (an extra row, not
-a contender) holds in float32 the layer that was under a burst on the previous step: a
-perfect detector acting as late as GNMR does, to separate detection from action. The
+the same with action ``("precision", "clip")``. Two extra rows, not contenders, separate
+detection from action: ``oracle_precision`` holds in float32 every layer whose quantizer
+a burst disturbs, from the step after the burst starts until its scale has recovered
+(``history`` steps after the burst with delayed scaling): a perfect detector acting as
+late as GNMR does. And
+``gnmr_amax_precision`` runs GNMR's controller, unchanged and at the same settings, on
+each quantizer's input amax (:func:`optstab.lowprec.input_amax`) instead of on the
+gradient norms. The
 persistent regime reuses the bursts regime's reference run (the float32 path never
 sees the outliers or the format, so the run is the same bit for bit; a test checks it).
 
@@ -71,7 +76,9 @@ METHODS = (
     "gnmr_precision",
     "gnmr_precision_clip",
 )
-EXTRA_METHODS = ("oracle_precision",)  # not a contender: a perfect detector, for scale
+# Not contenders (extra rows): a perfect detector, and GNMR's controller fed the
+# quantizers' input amax instead of gradient norms.
+EXTRA_METHODS = ("oracle_precision", "gnmr_amax_precision")
 PERSISTENT_METHODS = ("reference", "none", "gnmr_precision")
 GNMR_METHODS = ("gnmr_precision", "gnmr_precision_clip")
 
@@ -138,7 +145,7 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict) -> optax.Gradie
             config.learning_rate, config.b1, config.b2, config.eps, weight_decay=config.weight_decay
         )
 
-    if name in ("reference", "none", "oracle_precision"):
+    if name in ("reference", "none", *EXTRA_METHODS):
         return adamw()
     if name == "clip_by_global_norm":
         return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw())
@@ -158,16 +165,26 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict) -> optax.Gradie
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
-def precision_mask(name: str, opt_state: Any, paths: list[str], previous_layer) -> dict:
+def make_detector(name: str, config: ml_collections.ConfigDict):
+    """``gnmr_amax_precision``'s detector: ``optstab.gnmr`` (same settings, precision
+    action) run on ``{layer_path: input amax}`` instead of on gradients; else None."""
+    if name != "gnmr_amax_precision":
+        return None
+    return optstab.gnmr(**config.gnmr, action=("precision",))
+
+
+def precision_mask(name: str, run: Any, paths: list[str], oracle) -> dict:
     """The ``{unit: bool}`` mask the training step hands to ``set_high_precision``.
 
-    ``oracle_precision`` holds in float32 the layer that was under a burst on the
-    previous step (a perfect detector that, like GNMR, acts one step late).
+    ``oracle``: (num_layers,) bool, the layers whose quantizer is disturbed (see
+    :func:`oracle_mask`), used by ``oracle_precision``.
     """
     if name in GNMR_METHODS:
-        return optstab.recovery_mask(opt_state)
+        return optstab.recovery_mask(run.opt_state)
+    if name == "gnmr_amax_precision":
+        return optstab.recovery_mask(run.detector_state)
     if name == "oracle_precision":
-        return {path: previous_layer == i for i, path in enumerate(paths)}
+        return {path: oracle[i] for i, path in enumerate(paths)}
     return {"": jnp.asarray(name == "reference")}  # "" covers every layer
 
 
@@ -210,17 +227,21 @@ class Run(NamedTuple):
     quant_state: Any  # lowprec.QuantState: amax histories, rounding keys
     switches: Any  # lowprec.HighPrecision: overwritten from the mask every step
     opt_state: Any
+    detector_state: Any  # gnmr_amax_precision's GNMRState over layer amaxes, else None
 
 
 def build(name: str, config: ml_collections.ConfigDict, quant: lowprec.QuantConfig):
     """Jittable ``init(key) -> Run``, ``chunk(run, *inputs)`` and ``evaluate(run, val)``."""
     tx = make_optimizer(name, config)
+    detector = make_detector(name, config)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(config, quant, jax.random.key(0))))
     paths = lm.layer_paths(config.depth)
 
     def init(key) -> Run:
         params, quant_state, switches = nnx.state(make_model(config, quant, key), *FILTERS)
-        return Run(params, quant_state, switches, tx.init(params))
+        signal = {path: jnp.zeros((), jnp.float32) for path in paths}
+        detector_state = None if detector is None else detector.init(signal)
+        return Run(params, quant_state, switches, tx.init(params), detector_state)
 
     def model_of(params, quant_state, switches, mask) -> lm.Decoder:
         model = nnx.merge(graphdef, params, quant_state, switches, copy=True)
@@ -228,31 +249,35 @@ def build(name: str, config: ml_collections.ConfigDict, quant: lowprec.QuantConf
         return model
 
     def step(run: Run, inputs):
-        windows, layer, channels, alpha, previous_layer = inputs
-        mask = precision_mask(name, run.opt_state, paths, previous_layer)
+        windows, layer, channels, alpha, oracle = inputs
+        mask = precision_mask(name, run, paths, oracle)
         outliers = outlier_vectors(config, layer, channels, alpha)
 
         def loss_fn(params, quant_state, switches):
             model = model_of(params, quant_state, switches, mask)
             loss = lm.next_byte_loss(model, windows, outliers)
             _, quant_state, switches = nnx.state(model, *FILTERS)
-            return loss, (quant_state, switches, lowprec.high_precision_flags(model))
+            seen = (lowprec.high_precision_flags(model), lowprec.input_amax(model))
+            return loss, (quant_state, switches, seen)
 
-        (loss, (quant_state, switches, flags)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            run.params, run.quant_state, run.switches
-        )
+        (loss, (quant_state, switches, (flags, amax))), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(run.params, run.quant_state, run.switches)
         updates, opt_state = tx.update(grads, run.opt_state, run.params)
         params = optax.apply_updates(run.params, updates)
+        detector_state = run.detector_state
+        if detector is not None:
+            _, detector_state = detector.update(amax, detector_state)
         record = {
             "loss": loss,
             "high_precision": jnp.stack([flags[p] for p in paths]),
             "grad_norm": optax.tree.norm(grads),
             "layer_grad_norms": layer_grad_norms(grads, paths),
         }
-        return Run(params, quant_state, switches, opt_state), record
+        return Run(params, quant_state, switches, opt_state, detector_state), record
 
-    def chunk(run: Run, windows, layer, channels, alpha, previous_layer):
-        return jax.lax.scan(step, run, (windows, layer, channels, alpha, previous_layer))
+    def chunk(run: Run, windows, layer, channels, alpha, oracle):
+        return jax.lax.scan(step, run, (windows, layer, channels, alpha, oracle))
 
     def evaluate(run: Run, val) -> jax.Array:
         all_high = {"": jnp.array(True)}
@@ -287,17 +312,31 @@ def make_inputs(config: ml_collections.ConfigDict, corpus: lm.Corpus, bursts: bo
                       np.ones(steps, np.float32))  # fmt: skip
         schedules = [none for _ in seeds]
     layer = np.stack([b.layer for b in schedules])
-    previous = np.concatenate([np.full((len(schedules), 1), -1, np.int32), layer[:, :-1]], axis=1)
+    lag = config.quant.history if config.quant.scale_mode == "delayed" else 1
     return {
         "windows": np.stack(windows),
         "layer": layer,
         "channels": np.stack([b.channels for b in schedules]),
         "alpha": np.stack([b.alpha for b in schedules]),
-        "previous_layer": previous,
+        "oracle": np.stack(
+            [oracle_mask(b.layer, len(lm.layer_paths(config.depth)), lag) for b in schedules]
+        ),  # fmt: skip
     }
 
 
-INPUT_ORDER = ("windows", "layer", "channels", "alpha", "previous_layer")
+def oracle_mask(layer: np.ndarray, num_layers: int, lag: int) -> np.ndarray:
+    """(T, num_layers) bool: at step t, the layers that had a burst at some step in
+    ``[t - lag, t - 1]``. With delayed scaling (``lag`` = the amax history length) a
+    burst keeps inflating its layer's scale for ``history`` steps after it ends, so
+    this is what a perfect detector acting one step late would hold in float32."""
+    hit = np.zeros((len(layer), num_layers), bool)
+    for t in range(1, len(layer)):
+        recent = layer[max(0, t - lag) : t]
+        hit[t, recent[recent >= 0]] = True
+    return hit
+
+
+INPUT_ORDER = ("windows", "layer", "channels", "alpha", "oracle")
 
 
 def data_mesh() -> jax.sharding.Mesh | None:
@@ -395,19 +434,18 @@ def count_spikes(loss: np.ndarray, window: int, factor: float) -> int:
 
 
 def detection(out: dict, inputs: dict) -> dict:
-    """How well the high-precision switches followed the bursts (all seeds pooled).
+    """How well the high-precision switches followed the disturbed layers (seeds pooled).
 
-    ``coverage``: fraction of burst layer-steps (after a burst's first step) whose
-    layer ran in float32; ``precision``: fraction of float32 layer-steps that were on
-    a layer under a burst.
+    A layer-step is *disturbed* when :func:`oracle_mask` marks it (a burst, or the
+    scale lag after one, reachable by a detector acting one step late). ``coverage``:
+    fraction of disturbed layer-steps run in float32; ``precision``: fraction of
+    float32 layer-steps that were disturbed.
     """
     flags = out["high_precision"].astype(bool)
-    layers = flags.shape[-1]
-    on_burst = inputs["layer"][..., None] == np.arange(layers)
-    reachable = on_burst & (inputs["previous_layer"][..., None] == np.arange(layers))
+    disturbed = inputs["oracle"]
     return {
-        "coverage": float((flags & reachable).sum() / max(reachable.sum(), 1)),
-        "precision": float((flags & on_burst).sum() / max(flags.sum(), 1)),
+        "coverage": float((flags & disturbed).sum() / max(disturbed.sum(), 1)),
+        "precision": float((flags & disturbed).sum() / max(flags.sum(), 1)),
     }
 
 

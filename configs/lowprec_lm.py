@@ -30,7 +30,7 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.num_seeds = 3
     c.methods = (
         "reference", "none", "clip_by_global_norm", "zclip", "spam", "skip_step",
-        "gnmr_precision", "gnmr_precision_clip", "oracle_precision",
+        "gnmr_precision", "gnmr_precision_clip", "oracle_precision", "gnmr_amax_precision",
     )  # fmt: skip
 
     # Model and data: byte-level decoder, stdlib sources (benchmarks/lm.py).

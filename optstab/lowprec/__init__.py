@@ -16,6 +16,7 @@ from optstab.lowprec.layers import (
     QuantLinear,
     QuantState,
     high_precision_flags,
+    input_amax,
     quant_layers,
     set_high_precision,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "amax",
     "fake_quant",
     "high_precision_flags",
+    "input_amax",
     "quant_config",
     "quant_layers",
     "quantize",

@@ -17,11 +17,12 @@ the names are equal, or one is a '/'-prefix of the other. So per-leaf GNMR units
 (``"blocks/0"``) all drive the right layers. Unit names are those GNMR gives the
 model's ``nnx.Param`` state (the layer's attribute path joined with '/').
 
-Bookkeeping that is not trained lives in :class:`QuantState` variables: the amax
-histories of delayed scaling and the PRNG key of stochastic rounding (split on each
-call, so the same key gives the same bits). In a functional training step, split the
-model with ``nnx.split(model, nnx.Param, ...)`` and carry the rest of the state
-(``QuantState`` and ``HighPrecision``) alongside the parameters.
+Bookkeeping that is not trained lives in :class:`QuantState` variables: the input amax
+of the last call (:func:`input_amax`), the amax history of delayed scaling and the PRNG
+key of stochastic rounding (split on each call, so the same key gives the same bits).
+In a functional training step, split the model with ``nnx.split(model, nnx.Param, ...)``
+and carry the rest of the state (``QuantState`` and ``HighPrecision``) alongside the
+parameters.
 
 Design choices (ours): the kernel is always scaled per tensor with current scaling;
 the bias is added in float32; a layer in high precision still records its input
@@ -86,6 +87,7 @@ class QuantLinear(nnx.Linear):
         config = q.quant_config(*config)
         self.config = config
         self.high_precision = HighPrecision(jnp.array(False))
+        self.input_amax = QuantState(jnp.zeros((), jnp.float32))  # of the last call
         if config.scale_mode == "delayed":
             self.amax_history = QuantState(jnp.zeros((config.history,), jnp.float32))
         if config.rounding == "stochastic":
@@ -101,6 +103,7 @@ class QuantLinear(nnx.Linear):
 
     def _input_scale(self, x: jax.Array) -> jax.Array:
         current = q.amax(x, self.config.scaling)
+        self.input_amax.set_value(jax.lax.stop_gradient(jnp.max(current)))
         if self.config.scale_mode == "current":
             return q.scale_from_amax(current, self.config.fmt)
         history = self.amax_history.get_value()
@@ -184,6 +187,12 @@ def set_high_precision(
         for flag in flags:
             value = value | flag
         layer.high_precision.set_value(value)
+
+
+def input_amax(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{layer_path: amax}``: the largest input magnitude each :class:`QuantLinear`'s
+    quantizer saw on its last call (float32; what an outlier burst moves first)."""
+    return {path: layer.input_amax.get_value() for path, layer in quant_layers(model)}
 
 
 def high_precision_flags(model: nnx.Module) -> dict[str, jax.Array]:

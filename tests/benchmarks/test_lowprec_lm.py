@@ -16,7 +16,9 @@ from benchmarks import lm, lowprec_lm, reporting
 
 def test_tiny_run_reports_every_method(tmp_path):
     config = tiny_config()
-    config.methods = ("reference", "none", "zclip", "gnmr_precision", "oracle_precision")
+    config.methods = (
+        "reference", "none", "zclip", "gnmr_precision", "oracle_precision", "gnmr_amax_precision"
+    )  # fmt: skip
     result = lowprec_lm.run(config)
     summary = result["summary"]
     methods = summary["methods"]
@@ -79,6 +81,15 @@ def test_burst_schedule_is_seeded_and_within_bounds():
     for path, vector in vectors.items():
         expected = config.burst_channels if path == hit else 0
         assert int(np.sum(np.asarray(vector) == 7.0)) == expected
+
+
+def test_oracle_mask_covers_the_burst_and_the_scale_lag():
+    layer = np.array([-1, 2, 2, -1, -1, -1, 0, -1])
+    mask = lowprec_lm.oracle_mask(layer, num_layers=3, lag=2)
+    expected = np.zeros((8, 3), bool)
+    expected[2:5, 2] = True  # one step late, and 2 steps of lag after the burst ends
+    expected[7:8, 0] = True
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_count_spikes_counts_runs_once():

@@ -87,6 +87,18 @@ def test_outliers_reach_only_the_quantizer():
     np.testing.assert_array_equal(layer(x, bursts), layer(x))  # float32 never sees them
 
 
+def test_input_amax_records_what_the_quantizer_saw():
+    model = TwoLayers(lowprec.quant_config("int8"), nnx.Rngs(0))
+    x = inputs()
+    model(x, jnp.ones(6).at[1].set(50.0))
+    amax = lowprec.input_amax(model)
+    assert list(amax) == ["l1", "l2"]
+    np.testing.assert_allclose(amax["l1"], np.max(np.abs(x * jnp.ones(6).at[1].set(50.0))))
+    lowprec.set_high_precision(model, {"": jnp.array(True)})
+    model(x)  # recorded in high precision too
+    np.testing.assert_allclose(lowprec.input_amax(model)["l1"], np.max(np.abs(x)))
+
+
 def test_delayed_scaling_lags_a_burst():
     config = lowprec.quant_config("int8", scale_mode="delayed", history=2)
     layer = lowprec.QuantLinear(4, 1, config=config, rngs=nnx.Rngs(0), use_bias=False)
