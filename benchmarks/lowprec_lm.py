@@ -453,19 +453,30 @@ def burst_gradient_ratios(out: dict, inputs: dict, before: int = 20, during: int
     """What a gradient-norm detector can see: for every burst (all seeds), the mean of a
     layer's gradient norm over the burst's first ``during`` steps divided by its median
     over the ``before`` steps ahead of it; medians over bursts, for the hit layer and for
-    the most-raised other layer."""
+    the most-raised other layer. Bursts whose look-back window holds another burst's
+    disturbance (``inputs["oracle"]``) are left out."""
     hit, other = [], []
     norms = out["layer_grad_norms"]
     for seed, layer in enumerate(inputs["layer"]):
-        starts = np.flatnonzero((layer[1:] >= 0) & (layer[1:] != layer[:-1])) + 1
+        alpha = inputs["alpha"][seed]
+        starts = np.flatnonzero((layer[1:] >= 0) & (
+            (layer[1:] != layer[:-1]) | (alpha[1:] != alpha[:-1])
+        )) + 1  # fmt: skip
         for t in starts:
-            if t < before or t + during > len(layer):
+            if (
+                t < before
+                or t + during > len(layer)
+                or inputs["oracle"][seed, t - before : t].any()
+            ):
                 continue
-            ratio = norms[seed, t : t + during].mean(0) / np.median(norms[seed, t - before : t], 0)
+            baseline = np.median(norms[seed, t - before : t], 0)
+            if np.any(baseline <= 0):
+                continue
+            ratio = norms[seed, t : t + during].mean(0) / baseline
             hit.append(ratio[layer[t]])
             other.append(np.max(np.delete(ratio, layer[t])))
     if not hit:
-        return {"bursts": 0, "hit_layer": None, "max_other_layer": None}
+        return {"bursts": 0, "hit_layer": None, "max_other_layer": None, "hit_layer_above_3x": None}
     return {
         "bursts": len(hit),
         "hit_layer": float(np.median(hit)),
@@ -522,7 +533,9 @@ def add_ratios(methods: dict[str, dict]) -> None:
 def goals(methods: dict[str, dict], config: ml_collections.ConfigDict) -> dict[str, Any]:
     reference, none = methods["reference"]["val_loss"], methods["none"]["val_loss"]
     baseline_names = ("clip_by_global_norm", "zclip", "spam", "skip_step")
-    best_baseline = min(methods[n]["val_loss"] for n in baseline_names if n in methods)
+    best_baseline = min(
+        (methods[n]["val_loss"] for n in baseline_names if n in methods), default=np.inf
+    )
     out: dict[str, Any] = {
         "stress_gap": (none - reference) / reference if np.isfinite(none) else None,
         "stress_visible": bool(

@@ -3,8 +3,8 @@
 :class:`QuantLinear` is an ``nnx.Linear`` whose matmul inputs (the activation and the
 kernel) are fake-quantized as a :class:`~optstab.lowprec.scaling.QuantConfig` says,
 and whose output cotangent may be quantized too. Each layer carries a traced boolean
-:class:`HighPrecision` variable: while it is true the layer computes exactly as
-``nnx.Linear`` in float32. Because the switch is a value, not a Python attribute,
+:class:`HighPrecision` variable: while it is true the layer computes as ``nnx.Linear``
+does in float32 (at ``Precision.HIGHEST``). Because the switch is a value, not a Python attribute,
 flipping it never recompiles the training step.
 
 GNMR's precision action is wired in one line per training step::
@@ -41,6 +41,9 @@ from flax import nnx
 from optstab.lowprec import scaling as q
 
 DEFAULT_CONFIG = q.QuantConfig()
+SUPPORTED_LINEAR_OPTIONS = frozenset(
+    {"use_bias", "param_dtype", "kernel_init", "bias_init", "kernel_metadata", "bias_metadata"}
+)
 
 
 class QuantState(nnx.Variable):
@@ -59,7 +62,11 @@ class QuantLinear(nnx.Linear):
       config: a :class:`~optstab.lowprec.scaling.QuantConfig` (static).
       rngs: ``nnx.Rngs``; stochastic rounding draws its key from the ``"quant"``
         stream if present, else from ``"params"``.
-      **kwargs: passed to ``nnx.Linear`` (``use_bias``, initialisers, dtypes).
+      **kwargs: passed to ``nnx.Linear``: ``use_bias``, ``param_dtype``, the
+        initialisers and their metadata. Options that change how the matmul is
+        computed (``dtype``, ``precision``, ``dot_general``, ...) raise ``ValueError``:
+        the layer computes in float32 at ``Precision.HIGHEST`` and returns the
+        result type of its input and kernel.
 
     Example:
       >>> import jax.numpy as jnp
@@ -83,6 +90,12 @@ class QuantLinear(nnx.Linear):
         rngs: nnx.Rngs,
         **kwargs: Any,
     ):
+        unsupported = sorted(set(kwargs) - SUPPORTED_LINEAR_OPTIONS)
+        if unsupported:
+            raise ValueError(
+                f"QuantLinear does not support {unsupported}: it computes in float32 with "
+                f"its own quantized matmul; supported options: {sorted(SUPPORTED_LINEAR_OPTIONS)}"
+            )
         super().__init__(in_features, out_features, rngs=rngs, **kwargs)
         config = q.quant_config(*config)
         self.config = config
@@ -124,6 +137,15 @@ class QuantLinear(nnx.Linear):
         """
         config = self.config
         exact = self.high_precision.get_value()
+        if jnp.ndim(exact) != 0:
+            raise ValueError(
+                f"the high-precision switch has shape {jnp.shape(exact)}; a batched mask "
+                "(e.g. from vmapped optimizer states) must be applied inside jax.vmap"
+            )
+        if outliers is not None and jnp.shape(outliers) != (self.in_features,):
+            raise ValueError(
+                f"outliers must have shape ({self.in_features},), got {jnp.shape(outliers)}"
+            )
         k_input, k_kernel, k_cotangent = self._next_keys()
         kernel = self.kernel.get_value()
         x = jnp.asarray(inputs, jnp.float32)

@@ -15,9 +15,12 @@ on hardware that accumulates FP8 or int8 products in float32.
   saturates on its first call, and the inflated scale outlives the burst by up to
   ``history`` calls. With an empty (all-zero) history the current amax is used.
   Delayed scaling is per-tensor only (rows change from call to call).
-* A zero or non-finite amax gives scale 1.
-* Out-of-range values saturate at the format's largest value (see
+* A zero or non-finite amax gives scale 1; a non-finite amax is not recorded in a
+  delayed-scaling history (it would freeze the scale for ``history`` calls).
+* Finite out-of-range values saturate at the format's largest value (see
   :mod:`optstab.lowprec.formats` for why we saturate rather than produce NaN).
+  Non-finite values (NaN, +-inf, in values or cotangents) pass through unchanged:
+  fake quantization never hides an overflow that happened upstream.
 * Gradients: :func:`fake_quant` is straight-through (the identity VJP), as in
   quantization-aware training. :func:`quantize_cotangent` is the identity on values
   and quantizes the cotangent instead (current scaling only), to simulate a
@@ -99,10 +102,12 @@ def amax(x: jax.Array, scaling: str = "per_tensor") -> jax.Array:
 
 
 def scale_from_amax(amax_value: jax.Array, fmt: str | formats.Format) -> jax.Array:
-    """``amax / max_value`` of the format; 1 where the amax is zero or not finite."""
+    """``amax / max_value`` of the format; 1 where that is not a finite normal float32
+    (amax zero, tiny enough to flush to zero, or not finite)."""
     spec = formats.get_format(fmt)
-    usable = jnp.isfinite(amax_value) & (amax_value > 0)
-    return jnp.where(usable, amax_value / spec.max_value, 1.0).astype(jnp.float32)
+    scale = jnp.asarray(amax_value, jnp.float32) / spec.max_value
+    usable = jnp.isfinite(scale) & (scale >= jnp.finfo(jnp.float32).tiny)
+    return jnp.where(usable, scale, 1.0).astype(jnp.float32)
 
 
 def delayed_amax(history: jax.Array, current: jax.Array) -> jax.Array:
@@ -112,8 +117,14 @@ def delayed_amax(history: jax.Array, current: jax.Array) -> jax.Array:
 
 
 def push_history(history: jax.Array, value: jax.Array) -> jax.Array:
-    """The history with ``value`` as its newest entry (the oldest one drops out)."""
-    return jnp.concatenate([jnp.reshape(value, (1,)).astype(history.dtype), history[:-1]])
+    """The history with ``value`` as its newest entry (the oldest one drops out).
+
+    A non-finite value is recorded as 0 (an empty entry), so one overflowed step
+    cannot freeze the scale for the whole history.
+    """
+    value = jnp.reshape(value, (1,)).astype(history.dtype)
+    value = jnp.where(jnp.isfinite(value), value, 0)
+    return jnp.concatenate([value, history[:-1]])
 
 
 def quantize(
@@ -133,8 +144,9 @@ def quantize(
       [0.0, 0.787401..., 100.0]
     """
     scale = jnp.asarray(scale, jnp.float32)
-    rounded = formats.round_to_format(jnp.asarray(x, jnp.float32) / scale, fmt, rounding, key)
-    return (rounded * scale).astype(jnp.asarray(x).dtype)
+    x32 = jnp.asarray(x, jnp.float32)
+    rounded = formats.round_to_format(x32 / scale, fmt, rounding, key) * scale
+    return jnp.where(jnp.isfinite(x32), rounded, x32).astype(jnp.asarray(x).dtype)
 
 
 def fake_quant(
@@ -145,9 +157,23 @@ def fake_quant(
     key: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`quantize` with a straight-through gradient (the VJP is the identity)."""
-    quantized = quantize(x, scale, fmt, rounding, key)
-    # x - x is exactly 0 for finite x, so the value is exactly the quantized one.
-    return x - jax.lax.stop_gradient(x) + jax.lax.stop_gradient(quantized)
+    return _straight_through(x, quantize(x, scale, fmt, rounding, key))
+
+
+@jax.custom_vjp
+def _straight_through(x, quantized):
+    return quantized
+
+
+def _straight_through_fwd(x, quantized):
+    return quantized, None
+
+
+def _straight_through_bwd(_, cotangent):
+    return cotangent, None
+
+
+_straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
 class _CotangentSpec(NamedTuple):

@@ -54,10 +54,34 @@ def test_int8_grid_and_saturation():
     assert np.isnan(got[6])
 
 
-def test_zero_and_nonfinite_amax_give_scale_one():
-    assert float(q.scale_from_amax(jnp.float32(0.0), "int8")) == 1.0
-    assert float(q.scale_from_amax(jnp.float32(jnp.inf), "int8")) == 1.0
-    assert float(q.scale_from_amax(jnp.float32(254.0), "int8")) == 2.0
+def test_zero_tiny_and_nonfinite_amax_give_scale_one():
+    scale = jax.jit(q.scale_from_amax, static_argnums=1)
+    for amax in (0.0, 1e-36, jnp.inf, jnp.nan):  # 1e-36 / 448 flushes to zero under jit
+        assert float(scale(jnp.float32(amax), "float8_e4m3")) == 1.0, amax
+    assert float(scale(jnp.float32(254.0), "int8")) == 2.0
+    tiny = jnp.array([1e-36, 0.0])
+    out = jax.jit(lambda x: q.quantize(x, scale(q.amax(x), "float8_e4m3"), "float8_e4m3"))(tiny)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_nonfinite_values_pass_through_unchanged():
+    x = jnp.array([1.0, jnp.inf, -jnp.inf, jnp.nan, 1000.0])
+    out = np.asarray(jax.jit(q.fake_quant, static_argnums=2)(x, jnp.float32(1.0), "int8"))
+    np.testing.assert_array_equal(out[:3], [1.0, np.inf, -np.inf])
+    assert np.isnan(out[3]) and out[4] == 127.0  # finite out-of-range values saturate
+    g = jax.grad(lambda v: jnp.sum(q.fake_quant(v, jnp.float32(1.0), "int8") * 0 + v))(x)
+    np.testing.assert_array_equal(g, np.ones(5))
+    f = lambda v: q.quantize_cotangent(v, "float8_e5m2")
+    cotangent = jnp.array([1.0, jnp.inf, 2.0, 0.0, 0.0])
+    back = np.asarray(jax.vjp(f, jnp.zeros(5))[1](cotangent)[0])
+    assert back[1] == np.inf  # an overflow upstream is not hidden
+
+
+def test_history_skips_nonfinite_amax():
+    history = q.push_history(jnp.array([2.0, 1.0]), jnp.float32(jnp.inf))
+    np.testing.assert_array_equal(history, [0.0, 2.0])
+    history = q.push_history(history, jnp.float32(jnp.nan))
+    np.testing.assert_array_equal(history, [0.0, 0.0])
 
 
 def test_per_token_scales_rows_independently():
