@@ -230,18 +230,42 @@ class Run(NamedTuple):
     detector_state: Any  # gnmr_amax_precision's GNMRState over layer amaxes, else None
 
 
-def build(name: str, config: ml_collections.ConfigDict, quant: lowprec.QuantConfig):
-    """Jittable ``init(key) -> Run``, ``chunk(run, *inputs)`` and ``evaluate(run, val)``."""
+class ModelFns(NamedTuple):
+    """What every method of a regime shares (built once, so each method compiles only its
+    own training step): the model structure, its initial state stacked over seeds, and
+    the jitted validation loss ``evaluate(params, quant_state, switches, val)``."""
+
+    graphdef: Any
+    initial: tuple  # (params, quant_state, switches), stacked over seeds
+    evaluate: Any
+
+
+def model_fns(config: ml_collections.ConfigDict, quant: lowprec.QuantConfig) -> ModelFns:
+    """Initialises the model for every seed and jits its float32 validation loss."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(config, quant, jax.random.key(0))))
+
+    def init_model(key):
+        return tuple(nnx.state(make_model(config, quant, key), *FILTERS))
+
+    def evaluate(params, quant_state, switches, val):
+        model = nnx.merge(graphdef, params, quant_state, switches, copy=True)
+        lowprec.set_high_precision(model, {"": jnp.array(True)})
+        return lm.next_byte_loss(model, val)
+
+    keys = jax.vmap(jax.random.key)(jnp.arange(config.num_seeds))
+    initial = jax.jit(jax.vmap(init_model))(keys)
+    return ModelFns(graphdef, initial, jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None))))
+
+
+def build(name: str, config: ml_collections.ConfigDict, graphdef: Any):
+    """Jittable ``init(params) -> (opt_state, detector_state)`` and ``chunk(run, *inputs)``."""
     tx = make_optimizer(name, config)
     detector = make_detector(name, config)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(config, quant, jax.random.key(0))))
     paths = lm.layer_paths(config.depth)
 
-    def init(key) -> Run:
-        params, quant_state, switches = nnx.state(make_model(config, quant, key), *FILTERS)
+    def init(params):
         signal = {path: jnp.zeros((), jnp.float32) for path in paths}
-        detector_state = None if detector is None else detector.init(signal)
-        return Run(params, quant_state, switches, tx.init(params), detector_state)
+        return tx.init(params), None if detector is None else detector.init(signal)
 
     def model_of(params, quant_state, switches, mask) -> lm.Decoder:
         model = nnx.merge(graphdef, params, quant_state, switches, copy=True)
@@ -279,12 +303,7 @@ def build(name: str, config: ml_collections.ConfigDict, quant: lowprec.QuantConf
     def chunk(run: Run, windows, layer, channels, alpha, oracle):
         return jax.lax.scan(step, run, (windows, layer, channels, alpha, oracle))
 
-    def evaluate(run: Run, val) -> jax.Array:
-        all_high = {"": jnp.array(True)}
-        model = model_of(run.params, run.quant_state, run.switches, all_high)
-        return lm.next_byte_loss(model, val)
-
-    return init, chunk, evaluate
+    return init, chunk
 
 
 # ---------------------------------------------------------------------------
@@ -365,11 +384,13 @@ def train_method(
     val: np.ndarray,
     progress: Any = None,
     mesh: Any = "auto",
+    model: ModelFns | None = None,
 ) -> dict:
     """Trains ``name`` on every seed at once; returns numpy traces and timings.
 
     ``mesh``: ``"auto"`` (:func:`data_mesh`: data parallel over all devices when there
     are several), a ``("data",)`` mesh, or None (everything on the default device).
+    ``model``: the regime's shared :class:`ModelFns` (built here if None).
 
     Returns a dict with ``val_curve`` (seeds, evals), ``loss``, ``grad_norm`` (seeds,
     steps), ``high_precision`` (seeds, steps, layers), ``layer_grad_norms`` (seeds,
@@ -379,13 +400,17 @@ def train_method(
     check_method(name)
     if isinstance(mesh, str):
         mesh = data_mesh()
-    init, chunk, evaluate = build(name, config, quant)
-    keys = jax.vmap(jax.random.key)(jnp.arange(config.num_seeds))
-    run = jax.jit(jax.vmap(init))(keys)
+    model = model_fns(config, quant) if model is None else model
+    init, chunk = build(name, config, model.graphdef)
+    params, quant_state, switches = jax.tree.map(jnp.copy, model.initial)  # chunks donate
+    run = Run(params, quant_state, switches, *jax.jit(jax.vmap(init))(params))
     if mesh is not None:
         run = jax.device_put(run, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    evaluate_all = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
     val = jnp.asarray(val)
+
+    def evaluate_all(run: Run):
+        return model.evaluate(run.params, run.quant_state, run.switches, val)
+
     every = config.eval_every
     if config.num_steps % every:
         raise ValueError(f"num_steps {config.num_steps} is not a multiple of eval_every {every}")
@@ -396,7 +421,7 @@ def train_method(
     start = time.perf_counter()
     chunk_all = jax.jit(jax.vmap(chunk), donate_argnums=0).lower(run, *chunk_inputs(0)).compile()
     compile_s = time.perf_counter() - start
-    curve = [np.asarray(evaluate_all(run, val))]
+    curve = [np.asarray(evaluate_all(run))]
     records, chunk_s = [], []
     for begin in range(0, config.num_steps, every):
         args = chunk_inputs(begin)
@@ -405,7 +430,7 @@ def train_method(
         record = jax.block_until_ready(record)
         chunk_s.append(time.perf_counter() - tick)
         records.append(jax.tree.map(np.asarray, record))
-        curve.append(np.asarray(evaluate_all(run, val)))
+        curve.append(np.asarray(evaluate_all(run)))
         if progress is not None:
             progress.update(every)
     out = {key: np.concatenate([r[key] for r in records], axis=1) for key in records[0]}
@@ -572,13 +597,14 @@ def run_regime(
     """
     summaries, raw = {}, {}
     todo = [n for n in names if n not in done[0]]
+    model = model_fns(config, quant)
     with tqdm(total=len(todo) * config.num_steps, desc=f"lowprec_lm {label}", unit="step") as bar:
         for name in names:
             if name in done[0]:
                 summaries[name], raw[name] = done[0][name], done[1][name]
                 continue
             bar.set_postfix_str(name)
-            out = train_method(name, config, quant, inputs, val, bar)
+            out = train_method(name, config, quant, inputs, val, bar, model=model)
             summaries[name] = summarize(name, out, inputs, config)
             raw[name] = out
     add_ratios(summaries)
