@@ -31,9 +31,9 @@ detection from action: ``oracle_precision`` holds in float32 every layer whose q
 a burst disturbs, from the step after the burst starts until its scale has recovered
 (``history`` steps after the burst with delayed scaling): a perfect detector acting as
 late as GNMR does. And
-``gnmr_amax_precision`` runs GNMR's controller, unchanged and at the same settings, on
-each quantizer's input amax (:func:`optstab.lowprec.input_amax`) instead of on the
-gradient norms. The
+``gnmr_amax_precision`` runs GNMR's controller, unchanged, on each quantizer's input
+amax (:func:`optstab.lowprec.input_amax`) instead of on the gradient norms, with its
+lock and budget sized to the stress (``config.gnmr_amax``; the rule is in the config). The
 persistent regime reuses the bursts regime's reference run (the float32 path never
 sees the outliers or the format, so the run is the same bit for bit; a test checks it).
 
@@ -166,11 +166,12 @@ def make_optimizer(name: str, config: ml_collections.ConfigDict) -> optax.Gradie
 
 
 def make_detector(name: str, config: ml_collections.ConfigDict):
-    """``gnmr_amax_precision``'s detector: ``optstab.gnmr`` (same settings, precision
-    action) run on ``{layer_path: input amax}`` instead of on gradients; else None."""
+    """``gnmr_amax_precision``'s detector: ``optstab.gnmr`` (precision action; the GNMR
+    settings with ``config.gnmr_amax``'s lock and budget) run on ``{layer_path: input
+    amax}`` instead of on gradients; else None."""
     if name != "gnmr_amax_precision":
         return None
-    return optstab.gnmr(**config.gnmr, action=("precision",))
+    return optstab.gnmr(**{**config.gnmr, **config.gnmr_amax}, action=("precision",))
 
 
 def precision_mask(name: str, run: Any, paths: list[str], oracle) -> dict:
@@ -567,7 +568,7 @@ def goals(methods: dict[str, dict], config: ml_collections.ConfigDict) -> dict[s
             not np.isfinite(none) or none - reference >= config.visible_gap * reference
         ),
     }
-    for name in GNMR_METHODS:
+    for name in (*GNMR_METHODS, "gnmr_amax_precision"):  # the last: an extra, for reference
         if name not in methods:
             continue
         row = methods[name]
@@ -771,16 +772,23 @@ def plot(result: dict, path) -> Any:
     ax.legend(fontsize=7)
 
     ax = axes[1, 0]
-    method = "gnmr_precision" if "gnmr_precision" in raw else names[-1]
-    grid = np.zeros((len(paths), config["num_steps"]))
-    for step, unit in raw[method]["high_precision_seed0"]:
-        grid[unit, step] = 1
+    shown = [m for m in ("gnmr_precision", "gnmr_amax_precision") if m in raw] or names[-1:]
+    grid = np.zeros((len(shown) * len(paths), config["num_steps"]))
+    labels = []
+    for k, method in enumerate(shown):
+        for step, unit in raw[method]["high_precision_seed0"]:
+            grid[k * len(paths) + unit, step] = 1
+        labels += [f"{method.replace('_precision', '')}: {p}" for p in paths]
     ax.imshow(grid, aspect="auto", cmap="Blues", interpolation="nearest", vmin=0, vmax=1.5)
     hit = np.nonzero(bursting)[0]
-    ax.scatter(hit, layer[hit], s=2, color="tab:red", marker="s", label="burst on this layer")
-    ax.set_yticks(range(len(paths)), paths, fontsize=7)
+    for k in range(len(shown)):
+        ax.scatter(hit, k * len(paths) + layer[hit], s=2, color="tab:red", marker="s",
+                   label="burst on this layer" if k == 0 else None)  # fmt: skip
+        if k:
+            ax.axhline(k * len(paths) - 0.5, color="k", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set_xlabel("step")
-    ax.set_title(f"seed 0: {method} held in float32 (blue) vs bursts (red)")
+    ax.set_title("seed 0: layers held in float32 (blue) vs bursts (red)")
     ax.legend(fontsize=7, loc="upper right")
 
     ax = axes[1, 1]

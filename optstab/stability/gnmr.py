@@ -49,7 +49,9 @@ every formula and default below is ours):
 * Actions while in recovery (any combination):
 
   - ``"precision"``: the unit is published by :func:`recovery_mask`, for the model
-    to run it in high precision; the gradient passes through.
+    to run it in high precision (for NNX models with
+    :class:`optstab.lowprec.QuantLinear` layers, one call to
+    :func:`optstab.lowprec.set_high_precision`); the gradient passes through.
   - ``"clip"``: rescale ``g_u`` to norm at most ``threshold * m_u``.
   - ``"skip"``: zero the unit's update. With :func:`gnmr_wrap` the inner
     optimizer's state for that unit is also left exactly as it was; chained before
@@ -635,6 +637,7 @@ def recovery_mask(opt_state: PyTree) -> dict[str, jax.Array]:
 
     A unit is in the mask for the ``lock_steps`` forward passes after it entered
     recovery. Works on vmapped states (the booleans then have the batch shape).
+    :func:`optstab.lowprec.set_high_precision` applies it to a model's quantized layers.
     """
     state = find_gnmr_state(opt_state)
     return _per_unit(state, state.lock > 0)
