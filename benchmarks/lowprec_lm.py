@@ -13,8 +13,9 @@ after ``burst_start`` steps, whenever no burst is running a new one starts with
 probability ``burst_prob`` per step; it picks one quantized layer, ``burst_channels``
 input channels of it and a magnitude alpha (log-uniform in ``[alpha_min, alpha_max]``),
 and for ``burst_length`` steps (uniform in its range) multiplies those channels of the
-layer's input by alpha, before the quantizer. The same bursts hit the float32
-reference, so the gap between ``reference`` and ``none`` is what the *format* adds.
+layer's input by alpha *as its quantizer sees it* (``QuantLinear(x, outliers)`` uses
+``Q(x * a) / a``). The float32 function, and so the reference run, never sees them: the
+gap between ``reference`` and ``none`` is what the *format* adds.
 With per-tensor scaling the outlier channels set the scale and crush every other
 channel onto a few grid points; delayed scaling adds a lag. The persistent setting
 (``persistent_*`` options: no bursts, a coarse format everywhere) is run too, with
@@ -30,21 +31,24 @@ the same with action ``("precision", "clip")``. Two extra rows, not contenders, 
 detection from action: ``oracle_precision`` holds in float32 every layer whose quantizer
 a burst disturbs, from the step after the burst starts until its scale has recovered
 (``history`` steps after the burst with delayed scaling): a perfect detector acting as
-late as GNMR does. And
-``gnmr_amax_precision`` runs GNMR's controller, unchanged, on each quantizer's input
-amax (:func:`optstab.lowprec.input_amax`) instead of on the gradient norms, with its
-lock and budget sized to the stress (``config.gnmr_amax``; the rule is in the config). The
-persistent regime reuses the bursts regime's reference run (the float32 path never
-sees the outliers or the format, so the run is the same bit for bit; a test checks it).
+late as GNMR does. ``gnmr_amax_precision`` runs GNMR's controller, unchanged, on each
+quantizer's input amax (:func:`optstab.lowprec.input_amax`) instead of on the gradient
+norms, with its lock and budget sized to the stress (``config.gnmr_amax``; the rule is
+in the config). The persistent regime reuses the bursts regime's reference run (the
+float32 path never sees the outliers or the format, so the run is the same bit for bit;
+a test checks it).
 
 Measured per seed: validation loss every ``eval_every`` steps and at the end; train loss
 per step (spikes: a step whose loss exceeds the median of the previous
 ``spike_window`` steps by ``spike_factor`` times, counted once per run of such steps);
 which quantized layers ran in high precision at each step (recovery rate: the fraction
-of layer-steps); step time (median over chunks after compilation, as a ratio to
-``none`` in the same run; compile time apart). The training loop is a ``lax.scan`` over
-steps under ``jax.vmap`` over seeds, one compilation per method; with more than one
-device the batch is sharded over a ``("data",)`` mesh (data parallel).
+of layer-steps) and how those matched the disturbed layer-steps (``detection``:
+coverage and precision); per-layer gradient norms (``burst_gradient_ratios`` of
+``none``: what a gradient-norm detector could see at a burst); step time (median over
+chunks after compilation, as a ratio to ``none`` in the same run; compile time apart).
+The training loop is a ``lax.scan`` over steps under ``jax.vmap`` over seeds, one
+compilation per method; with more than one device the batch is sharded over a
+``("data",)`` mesh (data parallel).
 """
 
 from __future__ import annotations

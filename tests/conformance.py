@@ -24,7 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -405,3 +409,35 @@ def all_finite(tree: PyTree) -> bool:
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and jnp.size(x)
     ]
     return all(bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32)))) for x in leaves)
+
+
+# --------------------------------------------------------------------- 8 devices
+
+
+def run_on_eight_devices(worker: str | Path, out: str | Path, timeout: int) -> dict:
+    """Runs ``python WORKER OUT`` on 8 simulated CPU devices and loads the ``.npz`` it writes.
+
+    The subprocess runs from the repository root with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu``. A failed
+    run (non-zero exit or no file) fails the calling test with the worker's stderr.
+    """
+    import pytest  # only the tests use this helper
+
+    worker = Path(worker)
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run(
+        [sys.executable, str(worker), str(out)],
+        env=env,
+        cwd=str(Path(__file__).resolve().parents[1]),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0 or not Path(out).exists():
+        pytest.fail(f"the 8-device worker failed:\n{done.stderr[-8000:]}", pytrace=False)
+    with np.load(out, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}

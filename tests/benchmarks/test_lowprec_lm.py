@@ -2,11 +2,9 @@
 corpus, and data parallelism on 8 simulated devices (structure, never the figures)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import conformance as cf
 import numpy as np
 import pytest
 from lowprec_tiny import tiny_config
@@ -128,24 +126,7 @@ WORKER = Path(__file__).resolve().parent / "_lowprec_sharded_worker.py"
 
 
 def test_data_parallel_matches_one_device(tmp_path):
-    out = tmp_path / "lowprec_sharded.npz"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        env=env,
-        cwd=str(WORKER.parents[2]),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0 or not out.exists():
-        pytest.fail(f"the 8-device worker failed:\n{done.stderr[-8000:]}", pytrace=False)
-    with np.load(out, allow_pickle=False) as data:
-        r = {name: data[name] for name in data.files}
+    r = cf.run_on_eight_devices(WORKER, tmp_path / "lowprec_sharded.npz", timeout=600)
     if "error" in r:
         pytest.fail(f"8-device worker raised:\n{r['error']}", pytrace=False)
     for name in ("none", "gnmr_precision"):

@@ -2,9 +2,6 @@
 inject_hyperparams, vmap over keys, orbax checkpoints, 8-device sharding, bf16."""
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import bilevel_data as bd
@@ -183,23 +180,7 @@ WORKER = Path(__file__).resolve().parent / "_bilevel_sharded_worker.py"
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bilevel_sharded") / "results.npz"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        env=env,
-        cwd=str(WORKER.parents[2]),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if done.returncode != 0 or not out.exists():
-        pytest.fail(f"the 8-device worker failed:\n{done.stderr[-8000:]}", pytrace=False)
-    with np.load(out, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    return cf.run_on_eight_devices(WORKER, out, timeout=300)
 
 
 def test_sharded_matches_single_device(sharded_results):
