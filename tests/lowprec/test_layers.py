@@ -246,6 +246,36 @@ def test_gnmr_state_drives_the_right_layer(units):
     assert seen[11] == {"l1": False, "l2": False}
 
 
+def test_nnx_optimizer_and_nnx_jit_step_compile_once():
+    """The README wiring: nnx.Optimizer + nnx.jit; a GNMR trigger flips one layer to
+    float32 for lock_steps steps without a second trace."""
+    model = TwoLayers(lowprec.quant_config("int8", scale_mode="delayed"), nnx.Rngs(0))
+    tx = optax.chain(
+        optstab.gnmr(action=("precision",), warmup_steps=3, lock_steps=2, units=per_layer),
+        optax.adam(1e-3),
+    )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    traces = []
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        traces.append(1)
+        lowprec.set_high_precision(model, optstab.recovery_mask(optimizer.opt_state))
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return lowprec.high_precision_flags(model)
+
+    x = inputs()
+    seen = []
+    for t in range(10):
+        y = jnp.full((4, 3), 1e3 if t == 5 else 0.0)  # a loss spike at step 5
+        seen.append({k: bool(v) for k, v in train_step(model, optimizer, x, y).items()})
+    assert len(traces) == 1
+    assert not any(any(f.values()) for f in seen[:6])
+    assert sum(f["l1"] or f["l2"] for f in seen[6:]) == 2  # lock_steps forward passes
+    assert all(sum(f.values()) <= 1 for f in seen)  # budget: one unit
+
+
 def test_vmapped_mask_sets_batched_switches():
     model = TwoLayers(lowprec.quant_config("int8"), nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
