@@ -4,8 +4,8 @@
 kernel) are fake-quantized as a :class:`~optstab.lowprec.scaling.QuantConfig` says,
 and whose output cotangent may be quantized too. Each layer carries a traced boolean
 :class:`HighPrecision` variable: while it is true the layer computes as ``nnx.Linear``
-does in float32 (at ``Precision.HIGHEST``). Because the switch is a value, not a Python attribute,
-flipping it never recompiles the training step.
+does in float32 (at ``Precision.HIGHEST``). Because the switch is a value, not a Python
+attribute, flipping it never recompiles the training step.
 
 GNMR's precision action is wired in one line per training step::
 
@@ -47,7 +47,7 @@ SUPPORTED_LINEAR_OPTIONS = frozenset(
 
 
 class QuantState(nnx.Variable):
-    """Untrained low-precision bookkeeping: amax histories and rounding keys."""
+    """Untrained low-precision bookkeeping: input amax, amax history, rounding key."""
 
 
 class HighPrecision(nnx.Variable):
