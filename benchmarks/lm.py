@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from optstab import lowprec
+from optstab import lowprec, units
 
 CORPUS_MODULES = (
     "argparse.py",
@@ -173,8 +173,6 @@ def layer_input_widths(width: int, mlp_width: int) -> dict[str, int]:
 
 def layer_units(params: Any) -> Any:
     """GNMR units: one per layer (kernel and bias together), named by the layer's path."""
-    from optstab import units
-
     return units.by_regex({r"^(.*)/[^/]+$": r"\1"})(params)
 
 

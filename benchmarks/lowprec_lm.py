@@ -214,15 +214,9 @@ FILTERS = (nnx.Param, lowprec.QuantState, lowprec.HighPrecision)
 
 def layer_grad_norms(grads: Any, paths: list[str]) -> jax.Array:
     """(num_layers,) float32 gradient norm of each quantized layer (kernel and bias)."""
-    names = optstab.tree.leaf_names(grads)
-    leaves = jax.tree.leaves(grads)
-    norms = []
-    for path in paths:
-        squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-                   for name, leaf in zip(names, leaves, strict=True)
-                   if name.startswith(path + "/")]  # fmt: skip
-        norms.append(jnp.sqrt(sum(squares)))
-    return jnp.stack(norms)
+    partition = optstab.tree.make_partition(grads, lm.layer_units)
+    rows = jnp.array([partition.index(path) for path in paths])
+    return optstab.tree.unit_norms(partition, grads)[rows]
 
 
 class Run(NamedTuple):
@@ -300,7 +294,7 @@ def build(name: str, config: ml_collections.ConfigDict, graphdef: Any):
         record = {
             "loss": loss,
             "high_precision": jnp.stack([flags[p] for p in paths]),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": optstab.tree.global_norm(grads),
             "layer_grad_norms": layer_grad_norms(grads, paths),
         }
         return Run(params, quant_state, switches, opt_state, detector_state), record

@@ -67,6 +67,11 @@ class QuantConfig(NamedTuple):
     backward_fmt: str | None = None
 
 
+def check_scaling(scaling: str) -> None:
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+
+
 def quant_config(
     fmt: str = "float8_e4m3",
     scaling: str = "per_tensor",
@@ -80,8 +85,7 @@ def quant_config(
     if backward_fmt is not None:
         formats.get_format(backward_fmt)
     formats.check_rounding(rounding)
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    check_scaling(scaling)
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     if scale_mode == "delayed" and scaling != "per_tensor":
@@ -93,12 +97,11 @@ def quant_config(
 
 def amax(x: jax.Array, scaling: str = "per_tensor") -> jax.Array:
     """float32 absolute maximum: a scalar, or per row (last axis kept, size 1)."""
+    check_scaling(scaling)
     magnitude = jnp.abs(jnp.asarray(x, jnp.float32))
     if scaling == "per_tensor":
         return jnp.max(magnitude)
-    if scaling == "per_token":
-        return jnp.max(magnitude, axis=-1, keepdims=True)
-    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    return jnp.max(magnitude, axis=-1, keepdims=True)
 
 
 def scale_from_amax(amax_value: jax.Array, fmt: str | formats.Format) -> jax.Array:
@@ -219,8 +222,7 @@ def quantize_cotangent(
     """
     formats.get_format(fmt)
     formats.check_rounding(rounding)
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    check_scaling(scaling)
     if rounding == "stochastic" and key is None:
         raise ValueError("key is required for rounding='stochastic'")
     if key is None:
