@@ -21,17 +21,25 @@ sharded) and unflattens. Leaves that orbax cannot write directly are handled her
 
 Restored values are bit-identical to the saved ones.
 
-Example::
+A checkpoint made only of plain containers (dicts with string keys, lists, tuples,
+``None``) can also be read back without a target: ``restore(path, step)`` rebuilds
+the containers and returns numpy arrays (typed PRNG keys come back as keys).
 
-    import jax, optax
-    from optstab import checkpoint
+Example:
 
-    params = {"w": jax.numpy.ones((4, 3))}
-    tx = optax.adam(1e-3)
-    state = {"params": params, "opt": tx.init(params), "key": jax.random.key(0)}
-    checkpoint.save("/tmp/run/ckpt", 100, state, keep=3)
-    like = jax.eval_shape(lambda: state)
-    restored = checkpoint.restore("/tmp/run/ckpt", None, like)  # latest step
+    >>> import tempfile, jax, jax.numpy as jnp, optax
+    >>> from optstab import checkpoint
+    >>> root = tempfile.mkdtemp()
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = {"params": params, "opt": optax.adam(1e-3).init(params), "key": jax.random.key(0)}
+    >>> checkpoint.save(root, 100, state, keep=3)
+    >>> like = jax.eval_shape(lambda: state)
+    >>> restored = checkpoint.restore(root, None, like)  # None: the latest step
+    >>> bool(jnp.all(restored["params"]["w"] == 1)), restored["key"].dtype
+    (True, key<fry>)
+    >>> checkpoint.save(root, 101, {"losses": [1.5, 2.5], "note": None})
+    >>> checkpoint.restore(root, 101)  # plain containers: no target needed
+    {'losses': [1.5, 2.5], 'note': None}
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ PyTree = Any
 
 _LEAVES = "leaves"
 _META = "meta"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: data shape/dtype of every leaf, plain structure
 
 # Leaf kinds recorded in the metadata.
 _ARRAY = "array"  # jax.Array (restored as jax.Array with like's sharding)
@@ -127,11 +135,54 @@ def _describe(path: Any, leaf: Any) -> tuple[dict[str, Any], Any]:
         value = np.asarray(leaf)
         entry["shape"] = list(value.shape)
         entry["dtype"] = str(value.dtype)
+    entry["data_shape"] = list(value.shape)
+    entry["data_dtype"] = str(value.dtype)
+    entry["empty"] = value.size == 0
     if value.size == 0:
-        entry["data_shape"] = list(value.shape)
-        entry["data_dtype"] = str(value.dtype)
         return entry, None
     return entry, value
+
+
+class _NotPlain(Exception):
+    """The tree holds a container other than dict / list / tuple / None."""
+
+
+def _plain_structure(state: PyTree) -> Any:
+    """A JSON description of ``state``'s containers when they are all plain (dicts with
+    string keys, lists, tuples, None), else None. Leaves are numbered in the order
+    ``jax.tree`` flattens them (dict keys sorted)."""
+    counter = iter(range(len(jax.tree.leaves(state))))
+
+    def encode(node: Any) -> Any:
+        if node is None:
+            return {"none": None}
+        if isinstance(node, dict) and type(node) is dict:
+            if not all(isinstance(k, str) for k in node):
+                raise _NotPlain
+            return {"dict": {k: encode(node[k]) for k in sorted(node)}}
+        if type(node) in (list, tuple):
+            return {type(node).__name__: [encode(v) for v in node]}
+        if isinstance(node, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
+            return next(counter)
+        raise _NotPlain
+
+    try:
+        return encode(state)
+    except _NotPlain:
+        return None
+
+
+def _build_plain(structure: Any, leaves: list) -> PyTree:
+    """Inverse of :func:`_plain_structure`."""
+    if isinstance(structure, int):
+        return leaves[structure]
+    ((kind, body),) = structure.items()
+    if kind == "none":
+        return None
+    if kind == "dict":
+        return {k: _build_plain(v, leaves) for k, v in body.items()}
+    children = [_build_plain(v, leaves) for v in body]
+    return children if kind == "list" else tuple(children)
 
 
 def save(path: str | os.PathLike, step: int, state: PyTree, *, keep: int | None = None) -> None:
@@ -157,9 +208,15 @@ def save(path: str | os.PathLike, step: int, state: PyTree, *, keep: int | None 
       ValueError: ``step`` already exists under ``path``, or ``keep`` < 1.
       TypeError: a leaf is not an array or a Python scalar.
 
-    Example::
+    Example:
 
-        checkpoint.save("/tmp/ckpt", 10, {"params": params, "opt": opt_state}, keep=2)
+        >>> import tempfile, jax.numpy as jnp
+        >>> from optstab import checkpoint
+        >>> root = tempfile.mkdtemp()
+        >>> for step in range(4):
+        ...     checkpoint.save(root, step, {"w": jnp.full(3, step)}, keep=2)
+        >>> checkpoint.latest_step(root)
+        3
     """
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be None or a positive int, got {keep!r}")
@@ -174,6 +231,7 @@ def save(path: str | os.PathLike, step: int, state: PyTree, *, keep: int | None 
         "format": _FORMAT_VERSION,
         "num_leaves": len(entries),
         "treedef": str(treedef),
+        "structure": _plain_structure(state),
         "leaves": entries,
     }
     items = {_META: ocp.args.JsonSave(meta)}
@@ -205,9 +263,12 @@ def latest_step(path: str | os.PathLike) -> int | None:
     Returns:
       The largest saved step as an ``int``, or ``None``.
 
-    Example::
+    Example:
 
-        start = (checkpoint.latest_step("/tmp/ckpt") or 0)
+        >>> import tempfile
+        >>> from optstab import checkpoint
+        >>> print(checkpoint.latest_step(tempfile.mkdtemp()))
+        None
     """
     if not _exists(path):
         return None
@@ -266,14 +327,24 @@ def _mismatch(message: str, path: str | os.PathLike, step: int) -> ValueError:
 
 
 def restore(
-    path: str | os.PathLike, step: int | None, like: PyTree, *, strict: bool = True
+    path: str | os.PathLike,
+    step: int | None = None,
+    like: PyTree = None,
+    *,
+    strict: bool = True,
 ) -> PyTree:
     """Reads checkpoint ``step`` from ``path`` into the structure of ``like``.
+
+    Without ``like`` (``None``), a checkpoint whose containers were all plain (dicts
+    with string keys, lists, tuples, None) is rebuilt as it was saved, with numpy
+    arrays for array leaves, Python scalars for Python scalars and typed keys for
+    typed keys; any other checkpoint needs ``like``.
 
     Args:
       path: checkpoint root directory written by :func:`save`.
       step: the step to restore, or ``None`` for the latest one.
-      like: a pytree with the structure, shapes and dtypes of the saved state:
+      like: None (see above), or a pytree with the structure, shapes and dtypes of
+        the saved state:
         concrete arrays or abstract ``jax.ShapeDtypeStruct`` leaves (for example
         ``jax.eval_shape(init_fn)``). jax leaves are restored with ``like``'s
         sharding when it has one (so a sharded state comes back sharded), else on
@@ -291,12 +362,20 @@ def restore(
     Raises:
       FileNotFoundError: there is no checkpoint (or no such ``step``) under ``path``.
       ValueError: the checkpoint's leaves do not match ``like`` (number of leaves,
-        shapes, dtypes, PRNG-key-ness or, when ``strict``, key paths).
+        shapes, dtypes, PRNG-key-ness or, when ``strict``, key paths), or ``like``
+        is None and the checkpoint holds containers other than plain ones.
 
-    Example::
+    Example:
 
-        like = jax.eval_shape(lambda: {"params": init(key), "opt": tx.init(init(key))})
-        state = checkpoint.restore("/tmp/ckpt", None, like)
+        >>> import tempfile, jax, jax.numpy as jnp
+        >>> from optstab import checkpoint
+        >>> root = tempfile.mkdtemp()
+        >>> checkpoint.save(root, 7, {"w": jnp.arange(3.0), "key": jax.random.key(1)})
+        >>> like = {"w": jax.ShapeDtypeStruct((3,), jnp.float32), "key": jax.random.key(0)}
+        >>> state = checkpoint.restore(root, None, like)
+        >>> state["w"], bool(jnp.all(jax.random.key_data(state["key"]) ==
+        ...                          jax.random.key_data(jax.random.key(1))))
+        (Array([0., 1., 2.], dtype=float32), True)
     """
     directory = _directory(path)
     if not _exists(path):
@@ -316,9 +395,17 @@ def restore(
             step = int(step)
             meta = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
             meta = meta[_META]
-            like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-            _check(meta, like_flat, strict, path, step)
-            targets, restore_args = _targets(meta["leaves"], like_flat)
+            if like is None:
+                if meta.get("structure") is None:
+                    raise ValueError(
+                        f"checkpoint {directory!r} step {step} holds containers other than "
+                        "dicts, lists and tuples: pass `like` to restore it"
+                    )
+                targets, restore_args = _plain_targets(meta["leaves"])
+            else:
+                like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+                _check(meta, like_flat, strict, path, step)
+                targets, restore_args = _targets(meta["leaves"], like_flat)
             data: dict[str, Any] = {}
             if targets:
                 restored = manager.restore(
@@ -330,6 +417,9 @@ def restore(
                 data = dict(restored[_LEAVES])
         finally:
             manager.close()
+    if like is None:
+        leaves = [_rebuild_plain(e, data.get(str(i))) for i, e in enumerate(meta["leaves"])]
+        return _build_plain(meta["structure"], leaves)
     leaves = [
         _rebuild(entry, like_leaf, data.get(str(i)))
         for i, (entry, (_, like_leaf)) in enumerate(zip(meta["leaves"], like_flat, strict=True))
@@ -388,7 +478,7 @@ def _targets(entries: list[dict], like_flat: list) -> tuple[dict, dict]:
     """Abstract restore targets and orbax restore args for every leaf with data."""
     targets, args = {}, {}
     for i, (entry, (_, like_leaf)) in enumerate(zip(entries, like_flat, strict=True)):
-        if "data_shape" in entry:  # zero-size leaf: nothing was written
+        if _is_empty(entry):  # zero-size leaf: nothing was written
             continue
         kind = _like_kind(like_leaf)
         if kind in (_ARRAY, _KEY):
@@ -405,6 +495,33 @@ def _targets(entries: list[dict], like_flat: list) -> tuple[dict, dict]:
             targets[str(i)] = np.zeros((), np.dtype(entry["dtype"]))
             args[str(i)] = ocp.RestoreArgs(restore_type=np.ndarray)
     return targets, args
+
+
+def _is_empty(entry: dict) -> bool:
+    """Whether a leaf had no values (format 1 recorded data_shape for those only)."""
+    return entry.get("empty", "data_shape" in entry)
+
+
+def _plain_targets(entries: list[dict]) -> tuple[dict, dict]:
+    """Restore targets for a target-free restore: every stored leaf as a numpy array."""
+    targets, args = {}, {}
+    for i, entry in enumerate(entries):
+        if not _is_empty(entry):
+            targets[str(i)] = np.zeros((), jnp.dtype(entry["data_dtype"]))
+            args[str(i)] = ocp.RestoreArgs(restore_type=np.ndarray)
+    return targets, args
+
+
+def _rebuild_plain(entry: dict, value: Any) -> Any:
+    """A leaf of a target-free restore (``value`` is None for a zero-size leaf)."""
+    if value is None:
+        value = np.zeros(entry["data_shape"], jnp.dtype(entry["data_dtype"]))
+    value = np.asarray(value)
+    if entry["kind"] == _KEY:
+        return jax.random.wrap_key_data(value, impl=entry["impl"])
+    if entry["kind"] == _PYTHON:
+        return value.item()
+    return value.astype(jnp.dtype(entry["dtype"]), copy=False)
 
 
 def _rebuild(entry: dict, like: Any, value: Any) -> Any:

@@ -209,3 +209,32 @@ def test_sharded_restore_keeps_sharding(sharded_results):
         pytest.fail(f"8-device worker raised:\n{r['ckpt/error']}", pytrace=False)
     assert str(r["ckpt/problems"]) == "", str(r["ckpt/problems"])
     assert bool(r["ckpt/w_sharded"]), "w did not come back sharded as P('d')"
+
+
+def test_plain_containers_restore_without_target(tmp_path):
+    state = {
+        "curves": {"loss": np.arange(6, dtype=np.float32).reshape(2, 3), "empty": np.zeros((0, 2))},
+        "runs": [1.5, 2, True, (jnp.ones(2, jnp.bfloat16), None)],
+        "key": jax.random.key(3),
+        "scalar": np.float64(0.1),
+    }
+    checkpoint.save(tmp_path, 0, state)
+    restored = checkpoint.restore(tmp_path)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert restored["runs"][:3] == [1.5, 2, True]
+    assert [type(v) for v in restored["runs"][:3]] == [float, int, bool]
+    assert isinstance(restored["runs"][3], tuple) and restored["runs"][3][1] is None
+    bf16 = restored["runs"][3][0]
+    assert isinstance(bf16, np.ndarray) and bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(restored["curves"]["loss"], state["curves"]["loss"])
+    assert restored["curves"]["empty"].shape == (0, 2)
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["key"]), jax.random.key_data(state["key"])
+    )
+    assert restored["scalar"] == state["scalar"]
+
+
+def test_restore_without_target_needs_plain_containers(tmp_path):
+    checkpoint.save(tmp_path, 0, {"opt": optax.adam(0.1).init(jnp.zeros(2))})
+    with pytest.raises(ValueError, match="pass `like`"):
+        checkpoint.restore(tmp_path)
