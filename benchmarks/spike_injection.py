@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 import optstab
 from benchmarks import data as data_lib
-from benchmarks import measure, models, reporting
+from benchmarks import measure, models, parallel, reporting, resume
 from optstab.stability import baselines
 
 GNMR_METHODS = ("gnmr_clip", "gnmr_skip", "gnmr_clip_budget2", "gnmr_skip_budget2")
@@ -255,8 +255,17 @@ def counters(state: Any) -> dict[str, jax.Array]:
 # Training
 
 
-def make_train(name: str, config: ml_collections.ConfigDict, split: data_lib.Split, clip: float):
-    """A jitted function of the per-seed setup (vmapped) that trains method ``name``."""
+def make_train(
+    name: str,
+    config: ml_collections.ConfigDict,
+    split: data_lib.Split,
+    clip: float,
+    mesh: jax.sharding.Mesh | None = None,
+):
+    """A jitted function of the per-seed setup (vmapped) that trains method ``name``.
+
+    With a ``mesh``, each step's minibatch is split over its ``data`` axis.
+    """
     method = make_method(name, config, clip)
     inject_spikes = name != "clean"
 
@@ -270,9 +279,8 @@ def make_train(name: str, config: ml_collections.ConfigDict, split: data_lib.Spl
         def step(carry, inputs):
             params, opt_state = carry
             t, idx = inputs
-            loss, grads = jax.value_and_grad(models.cross_entropy)(
-                params, x_train[idx], y_train[idx]
-            )
+            batch = parallel.batch_constraint((x_train[idx], y_train[idx]), mesh)
+            loss, grads = jax.value_and_grad(models.cross_entropy)(params, *batch)
             if inject_spikes:
                 grads = inject(grads, t, schedule, config.spike_kind)
             updates, new_state, handed_on = method_update(method, grads, opt_state, params)
@@ -343,11 +351,16 @@ def train_method(
     split: data_lib.Split,
     setup: dict,
     clip: float,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict, float, float]:
-    """Trains ``name`` on every seed; returns numpy outputs, compile and run seconds."""
-    train = make_train(name, config, split, clip)
+    """Trains ``name`` on every seed; returns numpy outputs, compile and run seconds.
+
+    With a ``mesh`` (see :mod:`benchmarks.parallel`) the inputs are replicated on its
+    devices and each step's minibatch is sharded over its ``data`` axis.
+    """
+    train = make_train(name, config, split, clip, mesh)
     args = (setup, split.x_train, split.y_train, split.x_test, split.y_test)
-    return measure.compile_and_run(train, *args)
+    return measure.compile_and_run(train, *parallel.replicate(args, mesh))
 
 
 # ---------------------------------------------------------------------------
@@ -445,8 +458,24 @@ def schedule_record(schedule: dict, units: list[str]) -> dict:
     }
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Runs every method of ``config.methods`` and returns the JSON-ready result."""
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint_dir: Any = None,
+    mesh: Any = "auto",
+) -> dict:
+    """Runs every method of ``config.methods`` and returns the JSON-ready result.
+
+    Args:
+      config: ``configs/spike_injection.py``'s ``get_config(size)``.
+      checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
+        each method's training is saved when it finishes, and a rerun with the same
+        config picks up after the last finished method.
+      mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
+        devices when there are several).
+    """
+    checkpointer = resume.open_checkpointer(checkpoint_dir, "spike_injection", config)
+    mesh = parallel.resolve_mesh(mesh)
     split = data_lib.digits(config.split_seed, config.test_fraction)
     methods = list(config.methods)
     if "clean" in methods:  # clip_by_global_norm needs the clean norms first
@@ -461,7 +490,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     for name in tqdm(methods, desc="spike_injection"):
         if name == "clip_by_global_norm" and not math.isfinite(clip):
             raise ValueError("clip_by_global_norm needs the clean method to run first")
-        out, compile_s, run_s = train_method(name, config, split, setup, clip)
+        trained = checkpointer.stage(
+            name, lambda name=name, clip=clip: train_stage(name, config, split, setup, clip, mesh)
+        )
+        out, compile_s, run_s = trained["out"], trained["compile_s"], trained["run_s"]
         if name == "clean":
             clip = clip_norm_from_clean(out, config)
         stride = config.curve_stride
@@ -501,10 +533,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "units": units,
         },
         "timing_s": timing,
+        "mesh": parallel.describe(mesh),
         "spike_schedule": schedule_record(setup["schedule"], units),
         "raw": raw,
     }
+    checkpointer.finish()
     return reporting.to_jsonable(result, digits=None)
+
+
+def train_stage(name, config, split, setup, clip, mesh) -> dict:
+    """:func:`train_method` as a checkpointable stage (plain dict of arrays and floats)."""
+    out, compile_s, run_s = train_method(name, config, split, setup, clip, mesh)
+    return {"out": out, "compile_s": compile_s, "run_s": run_s}
 
 
 # ---------------------------------------------------------------------------

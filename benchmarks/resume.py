@@ -1,0 +1,213 @@
+"""Resumable study runs, checkpointed through :mod:`optstab.checkpoint`.
+
+A study splits its work into named *stages* (one method's training, one sweep point,
+one section of a lab) and, inside a long stage, a *loop* of equal chunks. With a
+:class:`Checkpointer` every finished stage is saved, and a loop saves its carried
+state after each chunk (orbax ``CheckpointManager``: atomic writes, the newest
+``keep`` kept). Run again with the same study and config, the study restores what
+was done and goes on from there. Because every stage and every chunk is a
+deterministic function of its inputs (explicit PRNG keys, the same compiled
+programs, the same chunk boundaries), a run that was killed and resumed ends with
+bit-identical metrics to one that was never interrupted. Only wall-clock timings
+differ.
+
+Layout of a checkpoint directory::
+
+    run.json              the study name and its config (a resume must match it)
+    stage-<name>/0/       a finished stage's result (plain dicts / lists / arrays)
+    loop-<name>/<k>/      a loop's carried state after k chunks (newest `keep`)
+    loop-<name>-out/<k>/  chunk k's output (every chunk is kept: the stage needs all)
+
+``NoCheckpoint`` has the same interface and does nothing, so a study's code is the
+same with and without checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from optstab import checkpoint
+
+__all__ = ["Checkpointer", "ConfigMismatch", "NoCheckpoint", "open_checkpointer"]
+
+PyTree = Any
+RUN_FILE = "run.json"
+
+
+class ConfigMismatch(ValueError):
+    """The checkpoint directory holds a run of another study or another config."""
+
+
+def fingerprint(study: str, config: ml_collections.ConfigDict | dict) -> dict:
+    """What a resume must match: the study and its full config."""
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # JSON round trip: tuples become lists, as they will be when read back.
+    return json.loads(json.dumps({"study": study, "config": as_dict}, sort_keys=True, default=str))
+
+
+def check_writable(directory: Path) -> None:
+    """Creates ``directory`` and checks that files can be written in it.
+
+    Raises:
+      PermissionError: with a one-line message naming the directory.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        message = f"checkpoint directory {str(directory)!r} is not writable: {reason}"
+        raise PermissionError(message) from None
+
+
+class NoCheckpoint:
+    """The :class:`Checkpointer` interface without any saving: runs everything."""
+
+    directory = None
+
+    def stage(self, name: str, compute: Callable[[], PyTree]) -> PyTree:
+        del name
+        return compute()
+
+    def loop(
+        self,
+        name: str,
+        state: PyTree,
+        num_chunks: int,
+        advance: Callable[[PyTree, int], tuple[PyTree, PyTree]],
+    ) -> tuple[PyTree, list]:
+        del name
+        outputs = []
+        for index in range(num_chunks):
+            state, output = advance(state, index)
+            outputs.append(output)
+        return state, outputs
+
+    def finish(self) -> None:
+        pass
+
+
+class Checkpointer(NoCheckpoint):
+    """Saves finished stages and loop chunks under ``directory``; resumes from them.
+
+    Args:
+      directory: where the run's checkpoints live (created; must be writable).
+      study: the study's name; with ``config`` it identifies the run.
+      config: the study's config. Resuming with another study or config raises
+        :class:`ConfigMismatch` instead of mixing the two runs.
+      keep: how many of a loop's newest state checkpoints to keep (at least 1).
+      remove_when_done: :meth:`finish` deletes the directory (the JSON result is the
+        durable output, and stale checkpoints must not outlive a code change).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        study: str,
+        config: ml_collections.ConfigDict | dict,
+        *,
+        keep: int = 2,
+        remove_when_done: bool = True,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        self.keep = keep
+        self.remove_when_done = remove_when_done
+        self.restored: list[str] = []  # names of stages and loops picked up from disk
+        check_writable(self.directory)
+        self._claim(fingerprint(study, config))
+
+    def _claim(self, expected: dict) -> None:
+        path = self.directory / RUN_FILE
+        if path.exists():
+            found = json.loads(path.read_text())
+            if found != expected:
+                what = "study" if found.get("study") != expected["study"] else "config"
+                raise ConfigMismatch(
+                    f"checkpoint directory {str(self.directory)!r} holds a run with another "
+                    f"{what} ({found.get('study')}); remove it or choose another directory"
+                )
+            return
+        if any(self.directory.iterdir()):
+            raise ConfigMismatch(
+                f"checkpoint directory {str(self.directory)!r} is not empty and holds no "
+                f"{RUN_FILE}; choose an empty directory"
+            )
+        temporary = self.directory / f".{RUN_FILE}.tmp"
+        temporary.write_text(json.dumps(expected, indent=1, sort_keys=True))
+        os.replace(temporary, path)  # atomic: a killed run never leaves half a file
+
+    def stage(self, name: str, compute: Callable[[], PyTree]) -> PyTree:
+        """``compute()``'s result, from disk when this stage finished before.
+
+        The result must be made of dicts with string keys, lists, tuples, None,
+        arrays and Python scalars (it is restored without a target).
+        """
+        path = self.directory / f"stage-{name}"
+        if checkpoint.latest_step(path) is not None:
+            self.restored.append(name)
+            return checkpoint.restore(path)
+        value = compute()
+        checkpoint.save(path, 0, value)
+        return value
+
+    def loop(
+        self,
+        name: str,
+        state: PyTree,
+        num_chunks: int,
+        advance: Callable[[PyTree, int], tuple[PyTree, PyTree]],
+    ) -> tuple[PyTree, list]:
+        """Runs ``state, output = advance(state, k)`` for k in ``range(num_chunks)``.
+
+        After chunk k the output (plain containers, as for :meth:`stage`) and then
+        the state are saved; a resumed loop restores the newest state into the
+        structure, dtypes and shardings of the initial ``state`` and goes on with
+        the next chunk. Returns the final state and the list of chunk outputs.
+        """
+        state_path = self.directory / f"loop-{name}"
+        output_path = self.directory / f"loop-{name}-out"
+        start = checkpoint.latest_step(state_path) or 0
+        if start:
+            self.restored.append(name)
+            state = checkpoint.restore(state_path, start, state)
+        outputs = [checkpoint.restore(output_path, k) for k in range(start)]
+        for index in range(start, num_chunks):
+            state, output = advance(state, index)
+            outputs.append(output)
+            # A run killed between these two saves redoes chunk `index`, which gives
+            # the same output again: the saved one is kept.
+            if index != checkpoint.latest_step(output_path):
+                checkpoint.save(output_path, index, output)
+            checkpoint.save(state_path, index + 1, state, keep=self.keep)
+        return state, outputs
+
+    def finish(self) -> None:
+        """Marks the run done: deletes its checkpoints unless told to keep them."""
+        if self.remove_when_done:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def open_checkpointer(
+    checkpoint_dir: str | os.PathLike | NoCheckpoint | None,
+    study: str,
+    config: ml_collections.ConfigDict,
+    **kwargs: Any,
+) -> NoCheckpoint:
+    """The checkpointer a study's ``run`` uses: ``checkpoint_dir`` may be None (no
+    checkpoints), a directory, or a ready (No)Checkpointer."""
+    if checkpoint_dir is None:
+        return NoCheckpoint()
+    if isinstance(checkpoint_dir, NoCheckpoint):
+        return checkpoint_dir
+    return Checkpointer(checkpoint_dir, study, config, **kwargs)
