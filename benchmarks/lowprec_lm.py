@@ -66,7 +66,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import optstab
-from benchmarks import lm, reporting
+from benchmarks import lm, parallel, reporting, resume
 from optstab import lowprec
 from optstab.stability import baselines
 
@@ -359,20 +359,16 @@ INPUT_ORDER = ("windows", "layer", "channels", "alpha", "oracle")
 
 def data_mesh() -> jax.sharding.Mesh | None:
     """A 1-D ``("data",)`` mesh over all devices, or None on a single device."""
-    if jax.device_count() == 1:
-        return None
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return parallel.resolve_mesh("auto")
 
 
 def shard_inputs(chunk_inputs: list[np.ndarray], mesh) -> list[jax.Array]:
-    """Puts a chunk's inputs on the devices: the batch axis of the windows is sharded."""
+    """Puts a chunk's inputs on the devices: the batch axis of the windows (seeds,
+    steps, batch, context) is sharded, the rest replicated."""
     if mesh is None:
         return [jnp.asarray(x) for x in chunk_inputs]
-    P = jax.sharding.PartitionSpec
-    batch = jax.sharding.NamedSharding(mesh, P(None, None, "data", None))
-    replicated = jax.sharding.NamedSharding(mesh, P())
     windows, *rest = chunk_inputs
-    return [jax.device_put(windows, batch)] + [jax.device_put(x, replicated) for x in rest]
+    return [parallel.shard_batch(windows, mesh, axis=2), *parallel.replicate(rest, mesh)]
 
 
 def train_method(
@@ -384,12 +380,18 @@ def train_method(
     progress: Any = None,
     mesh: Any = "auto",
     model: ModelFns | None = None,
+    checkpointer: resume.NoCheckpoint | None = None,
+    loop_name: str | None = None,
+    fsdp: bool = False,
 ) -> dict:
     """Trains ``name`` on every seed at once; returns numpy traces and timings.
 
     ``mesh``: ``"auto"`` (:func:`data_mesh`: data parallel over all devices when there
-    are several), a ``("data",)`` mesh, or None (everything on the default device).
+    are several), a ``("data",)`` mesh, or None (everything on the default device);
+    ``fsdp``: with a mesh, split large parameters over its ``data`` axis.
     ``model``: the regime's shared :class:`ModelFns` (built here if None).
+    ``checkpointer``: saves the training state after every ``eval_every`` steps (as
+    loop ``loop_name``, default ``name``) and resumes from the newest save.
 
     Returns a dict with ``val_curve`` (seeds, evals), ``loss``, ``grad_norm`` (seeds,
     steps), ``high_precision`` (seeds, steps, layers), ``layer_grad_norms`` (seeds,
@@ -397,14 +399,15 @@ def train_method(
     first).
     """
     check_method(name)
-    if isinstance(mesh, str):
-        mesh = data_mesh()
+    mesh = parallel.resolve_mesh(mesh)
+    checkpointer = checkpointer or resume.NoCheckpoint()
     model = model_fns(config, quant) if model is None else model
     init, chunk = build(name, config, model.graphdef)
     params, quant_state, switches = jax.tree.map(jnp.copy, model.initial)  # chunks donate
     run = Run(params, quant_state, switches, *jax.jit(jax.vmap(init))(params))
-    if mesh is not None:
-        run = jax.device_put(run, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if mesh is not None:  # the seed axis of the parameters is never split
+        run = parallel.replicate(run, mesh)
+        run = run._replace(params=parallel.place_params(run.params, mesh, fsdp, leading_axes=1))
     val = jnp.asarray(val)
 
     def evaluate_all(run: Run):
@@ -420,20 +423,30 @@ def train_method(
     start = time.perf_counter()
     chunk_all = jax.jit(jax.vmap(chunk), donate_argnums=0).lower(run, *chunk_inputs(0)).compile()
     compile_s = time.perf_counter() - start
-    curve = [np.asarray(evaluate_all(run))]
-    records, chunk_s = [], []
-    for begin in range(0, config.num_steps, every):
-        args = chunk_inputs(begin)
+    first_val = np.asarray(evaluate_all(run))
+
+    computed = []
+
+    def advance(run: Run, index: int) -> tuple[Run, dict]:
+        computed.append(index)
+        args = chunk_inputs(index * every)
         tick = time.perf_counter()
         run, record = chunk_all(run, *args)
         record = jax.block_until_ready(record)
-        chunk_s.append(time.perf_counter() - tick)
-        records.append(jax.tree.map(np.asarray, record))
-        curve.append(np.asarray(evaluate_all(run)))
+        seconds = time.perf_counter() - tick
         if progress is not None:
             progress.update(every)
+        record = jax.tree.map(np.asarray, record)
+        return run, {"record": record, "val": np.asarray(evaluate_all(run)), "seconds": seconds}
+
+    num_chunks = config.num_steps // every
+    run, chunks = checkpointer.loop(loop_name or name, run, num_chunks, advance)
+    if progress is not None:  # chunks restored from disk
+        progress.update((num_chunks - len(computed)) * every)
+    records = [c["record"] for c in chunks]
+    chunk_s = [c["seconds"] for c in chunks]
     out = {key: np.concatenate([r[key] for r in records], axis=1) for key in records[0]}
-    out["val_curve"] = np.stack(curve, axis=1)
+    out["val_curve"] = np.stack([first_val] + [c["val"] for c in chunks], axis=1)
     out["compile_s"] = compile_s
     out["chunk_s"] = chunk_s[1:] if len(chunk_s) > 1 else chunk_s
     return out
@@ -589,11 +602,17 @@ def run_regime(
     val: np.ndarray,
     label: str,
     done: tuple[dict, dict] = ({}, {}),
+    checkpointer: resume.NoCheckpoint | None = None,
+    mesh: Any = None,
+    fsdp: bool = False,
 ) -> tuple[dict, dict]:
     """Trains ``names`` under one quantization setting; returns summaries and raw traces.
 
     ``done``: summaries and traces of methods already trained (they are not re-run).
+    ``checkpointer``: each method is a stage ``<label>-<name>`` and its training a loop
+    of the same name (see :mod:`benchmarks.resume`).
     """
+    checkpointer = checkpointer or resume.NoCheckpoint()
     summaries, raw = {}, {}
     todo = [n for n in names if n not in done[0]]
     model = model_fns(config, quant)
@@ -603,7 +622,16 @@ def run_regime(
                 summaries[name], raw[name] = done[0][name], done[1][name]
                 continue
             bar.set_postfix_str(name)
-            out = train_method(name, config, quant, inputs, val, bar, model=model)
+            stage = f"{label}-{name}"
+
+            def train(name=name, stage=stage):
+                return train_method(
+                    name, config, quant, inputs, val, bar, mesh, model, checkpointer, stage, fsdp
+                )
+
+            out = checkpointer.stage(stage, train)
+            if stage in checkpointer.restored:
+                bar.update(config.num_steps)
             summaries[name] = summarize(name, out, inputs, config)
             raw[name] = out
     add_ratios(summaries)
@@ -624,8 +652,26 @@ def curve_payload(raw: dict, stride: int) -> dict:
     return payload
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Runs the burst regime (all methods) and the persistent regime; returns the JSON."""
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint_dir: Any = None,
+    mesh: Any = "auto",
+    fsdp: bool = False,
+) -> dict:
+    """Runs the burst regime (all methods) and the persistent regime; returns the JSON.
+
+    Args:
+      config: ``configs/lowprec_lm.py``'s ``get_config(size)``.
+      checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
+        every ``eval_every`` steps of a method's training are saved, and a rerun with
+        the same config resumes from the newest save.
+      mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
+        devices when there are several).
+      fsdp: with a mesh, split large parameters over its ``data`` axis.
+    """
+    checkpointer = resume.open_checkpointer(checkpoint_dir, "lowprec_lm", config)
+    mesh = parallel.resolve_mesh(mesh)
     for name in config.methods:
         check_method(name)
     for name in ("reference", "none"):
@@ -635,7 +681,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     val = lm.val_windows(corpus.val, config.val_windows, config.context + 1)
     quant = lowprec.quant_config(**config.quant)
     inputs = make_inputs(config, corpus, bursts=True)
-    methods, raw = run_regime(config, tuple(config.methods), quant, inputs, val, "bursts")
+    devices = {"checkpointer": checkpointer, "mesh": mesh, "fsdp": fsdp}
+    methods, raw = run_regime(
+        config, tuple(config.methods), quant, inputs, val, "bursts", **devices
+    )
     result: dict[str, Any] = {
         "config": config.to_dict(),
         "environment": reporting.environment(),
@@ -667,7 +716,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         # The float32 reference never sees outliers or the format: its run is reused.
         reused = ({"reference": dict(methods["reference"])}, {"reference": raw["reference"]})
         rows, raw_p = run_regime(
-            config, names, persistent_quant, plain, val, "persistent", done=reused
+            config, names, persistent_quant, plain, val, "persistent", done=reused, **devices
         )
         summary["persistent"] = {
             "methods": rows,
@@ -676,6 +725,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         }
         result["raw"]["persistent"] = curve_payload(raw_p, stride)
     result["summary"] = summary
+    result["mesh"] = parallel.describe(mesh)
+    checkpointer.finish()
     return result
 
 

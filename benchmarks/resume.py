@@ -13,7 +13,8 @@ differ.
 
 Layout of a checkpoint directory::
 
-    run.json              the study name and its config (a resume must match it)
+    run.json              the study, its config and a hash of the code (a resume must
+                          match all three)
     stage-<name>/0/       a finished stage's result (plain dicts / lists / arrays)
     loop-<name>/<k>/      a loop's carried state after k chunks (newest `keep`)
     loop-<name>-out/<k>/  chunk k's output (every chunk is kept: the stage needs all)
@@ -24,6 +25,7 @@ same with and without checkpointing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +36,7 @@ from typing import Any
 
 import ml_collections
 
+import optstab
 from optstab import checkpoint
 
 __all__ = ["Checkpointer", "ConfigMismatch", "NoCheckpoint", "open_checkpointer"]
@@ -46,11 +49,23 @@ class ConfigMismatch(ValueError):
     """The checkpoint directory holds a run of another study or another config."""
 
 
+def code_version() -> str:
+    """SHA-256 of the library's and the benchmarks' Python sources: results saved by
+    other code must not be mixed into a run."""
+    digest = hashlib.sha256()
+    for package in (Path(optstab.__file__).parent, Path(__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(path.relative_to(package.parent).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(study: str, config: ml_collections.ConfigDict | dict) -> dict:
-    """What a resume must match: the study and its full config."""
+    """What a resume must match: the study, its full config and the code."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    run = {"study": study, "config": as_dict, "code": code_version()}
     # JSON round trip: tuples become lists, as they will be when read back.
-    return json.loads(json.dumps({"study": study, "config": as_dict}, sort_keys=True, default=str))
+    return json.loads(json.dumps(run, sort_keys=True, default=str))
 
 
 def check_writable(directory: Path) -> None:
@@ -73,6 +88,8 @@ class NoCheckpoint:
     """The :class:`Checkpointer` interface without any saving: runs everything."""
 
     directory = None
+    restored: tuple[str, ...] = ()  # nothing is ever restored
+    resuming = False
 
     def stage(self, name: str, compute: Callable[[], PyTree]) -> PyTree:
         del name
@@ -124,6 +141,7 @@ class Checkpointer(NoCheckpoint):
         self.keep = keep
         self.remove_when_done = remove_when_done
         self.restored: list[str] = []  # names of stages and loops picked up from disk
+        self.resuming = False  # the directory held this run already
         check_writable(self.directory)
         self._claim(fingerprint(study, config))
 
@@ -131,12 +149,18 @@ class Checkpointer(NoCheckpoint):
         path = self.directory / RUN_FILE
         if path.exists():
             found = json.loads(path.read_text())
-            if found != expected:
-                what = "study" if found.get("study") != expected["study"] else "config"
-                raise ConfigMismatch(
-                    f"checkpoint directory {str(self.directory)!r} holds a run with another "
-                    f"{what} ({found.get('study')}); remove it or choose another directory"
-                )
+            differs = {
+                "study": f"of another study ({found.get('study')})",
+                "config": "with another config",
+                "code": "made by other code (optstab or benchmarks changed since)",
+            }
+            for what, reason in differs.items():
+                if found.get(what) != expected[what]:
+                    raise ConfigMismatch(
+                        f"checkpoint directory {str(self.directory)!r} holds a run {reason}; "
+                        "remove it or choose another directory"
+                    )
+            self.resuming = True
             return
         if any(self.directory.iterdir()):
             raise ConfigMismatch(
@@ -182,12 +206,13 @@ class Checkpointer(NoCheckpoint):
             self.restored.append(name)
             state = checkpoint.restore(state_path, start, state)
         outputs = [checkpoint.restore(output_path, k) for k in range(start)]
+        # A run killed between the two saves below redoes a chunk whose output was
+        # saved: it computes the same output again, and the saved one is kept.
+        saved = set(checkpoint.all_steps(output_path))
         for index in range(start, num_chunks):
             state, output = advance(state, index)
             outputs.append(output)
-            # A run killed between these two saves redoes chunk `index`, which gives
-            # the same output again: the saved one is kept.
-            if index != checkpoint.latest_step(output_path):
+            if index not in saved:
                 checkpoint.save(output_path, index, output)
             checkpoint.save(state_path, index + 1, state, keep=self.keep)
         return state, outputs

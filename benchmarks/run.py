@@ -1,22 +1,46 @@
 """Command-line runner for the benchmark studies.
 
-    python -m benchmarks.run STUDY [--quick] [--seeds N] [--out results]
+    python -m benchmarks.run STUDY [--config quick|full|FILE.py[:ARG]] [--config.KEY=VALUE ...]
+                             [--out results] [--checkpoint-dir DIR | --no-checkpoint]
+                             [--mesh auto|none|N] [--fsdp] [--distributed]
 
-``STUDY`` is one of ``STUDIES`` below or ``all``. For each study the runner
-loads ``configs/<study>.py`` (``get_config("quick")`` with ``--quick``, else
-``get_config("full")``), calls ``benchmarks.<study>.run(config)``, writes the returned
-dict to ``<out>/<study>.json``, draws ``<out>/<study>.png`` and prints a summary table.
+``STUDY`` is one of ``STUDIES`` below or ``all``. The config is
+``configs/<study>.py``'s ``get_config("quick" | "full")`` (``--quick`` is short for
+``--config quick``; the default is ``full``), or ``get_config(ARG)`` of any file.
+``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) overrides one field; nested
+fields use dots (``--config.gnmr.lock_steps=56``) and the value is parsed to the
+field's type (``--config.methods=none,gnmr_clip`` for tuples).
+
+The runner calls ``benchmarks.<study>.run(config, ...)``, writes the returned dict to
+``<out>/<study>.json``, draws ``<out>/<study>.png`` and prints a summary table.
+
+Resume: finished stages (and chunks of long loops) are checkpointed under
+``<out>/checkpoints/<study>`` (``--checkpoint-dir`` to move it). A run that was killed
+resumes when started again with the same command, and ends with the same metrics as an
+uninterrupted one; the directory is removed when the run completes. A directory holding
+a run of another config, or of other code, is refused.
+
+Scale: ``--mesh auto`` (default) puts the batch of every training step on all devices
+(data parallel); ``--fsdp`` also splits large parameters; ``--distributed`` calls
+``jax.distributed.initialize()`` first, for multi-host runs (see benchmarks/README.md).
+
+Bad input (unknown study, bad override, unusable checkpoint directory) ends with a
+one-line ``error:`` message and exit status 2; errors a study raises on its config exit
+with status 1 (``--traceback`` shows the full traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import importlib
+import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
-
-from benchmarks import reporting
+from typing import Any
 
 STUDIES = (
     "spike_injection",
@@ -27,54 +51,288 @@ STUDIES = (
     "bilevel_mixture",
     "lowprec_lm",
 )
+OVERRIDE = "--config."
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="python -m benchmarks.run",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("study", help=f"one of {', '.join(STUDIES)}, all")
-    parser.add_argument("--quick", action="store_true", help="the small, fast configuration")
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="number of seeds (studies that use seeds)"
-    )
+    parser.add_argument("--config", default=None, help="quick, full, or FILE.py[:ARG]")
+    parser.add_argument("--quick", action="store_true", help="same as --config quick")
+    parser.add_argument("--seeds", type=int, default=None, help="same as --config.num_seeds")
     parser.add_argument("--out", default="results", help="folder for the JSON and PNG files")
-    return parser.parse_args(argv)
+    parser.add_argument("--checkpoint-dir", default=None, help="default: <out>/checkpoints/<study>")
+    parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint")
+    parser.add_argument("--keep", type=int, default=2, help="loop checkpoints kept (newest)")
+    parser.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep the checkpoints of a finished run"
+    )
+    parser.add_argument("--mesh", default="auto", help="auto, none, or a device count")
+    parser.add_argument("--fsdp", action="store_true", help="shard large parameters too")
+    parser.add_argument(
+        "--distributed", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    parser.add_argument("--traceback", action="store_true", help="full tracebacks on errors")
+    return parser
 
 
-def run_study(name: str, quick: bool, seeds: int | None, out: Path) -> dict:
-    """Runs one study end to end and returns its result dict."""
-    config = importlib.import_module(f"configs.{name}").get_config("quick" if quick else "full")
-    if seeds is not None:
-        if "num_seeds" in config:
-            config.num_seeds = seeds
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separates ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(OVERRIDE):
+            key, eq, value = arg[len(OVERRIDE) :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{arg} needs a value ({arg}=VALUE)")
+                value, i = argv[i + 1], i + 1
+            if not key:
+                raise UsageError(f"{arg}: missing field name")
+            overrides.append((key, value))
         else:
-            print(f"note: {name} has no seeds; --seeds ignored")
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+# ---------------------------------------------------------------------------
+# Configs
+
+
+def load_config(study: str, spec: str) -> Any:
+    """``quick`` / ``full`` from ``configs/<study>.py``, or ``FILE.py[:ARG]``."""
+    if spec in ("quick", "full"):
+        return importlib.import_module(f"configs.{study}").get_config(spec)
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py"):
+        raise UsageError(f"--config must be quick, full or FILE.py[:ARG], got {spec!r}")
+    if not os.path.isfile(path):
+        raise UsageError(f"--config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UsageError(f"--config file {path!r} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_value(text: str, current: Any, where: str) -> Any:
+    """``text`` converted to the type of the field's ``current`` value."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise UsageError(f"{where}: expected true or false, got {text!r}")
+    if isinstance(current, int | float):
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            kind = type(current).__name__
+            raise UsageError(f"{where}: expected {kind}, got {text!r}")
+        if isinstance(current, int) and not float(value).is_integer():
+            raise UsageError(f"{where}: expected int, got {text!r}")
+        return type(current)(value)
+    if isinstance(current, tuple | list):
+        stripped = text.strip()
+        if stripped[:1] in "([":
+            try:
+                items = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                raise UsageError(f"{where}: cannot parse {text!r}") from None
+        else:
+            items = [part.strip() for part in stripped.split(",") if part.strip()]
+        items = list(items) if isinstance(items, tuple | list) else [items]
+        if current:
+            items = [
+                parse_value(str(x), current[0], where) if isinstance(x, str) else x for x in items
+            ]
+        return type(current)(items)
+    if current is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    return text
+
+
+def apply_override(config: Any, key: str, text: str, study: str) -> None:
+    """Sets ``config.<key>`` (dotted) from ``text``; unknown fields are an error."""
+    import ml_collections
+
+    where = f"{OVERRIDE}{key}"
+    node = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in fields:
+            scope = ".".join(["config", *parts[:depth]])
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"{where}: {study}'s {scope} has no field {part!r}{hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise UsageError(f"{where} is a group of fields; set one of {sorted(current.keys())}")
+    value = parse_value(text, current, where)
+    try:
+        node[parts[-1]] = value
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"{where}: {error}") from None
+
+
+def make_config(study: str, args: argparse.Namespace, overrides: list) -> Any:
+    spec = args.config or ("quick" if args.quick else "full")
+    if args.quick and args.config not in (None, "quick"):
+        raise UsageError(f"--quick contradicts --config {args.config}")
+    config = load_config(study, spec)
+    if args.seeds is not None:
+        if "num_seeds" not in config:
+            raise UsageError(f"{study} has no seeds (no num_seeds field); drop --seeds")
+        overrides = [("num_seeds", str(args.seeds)), *overrides]
+    for key, value in overrides:
+        apply_override(config, key, value, study)
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Devices and checkpoints
+
+
+def make_mesh(spec: str) -> Any:
+    from benchmarks import parallel
+
+    if spec == "auto":
+        return "auto"
+    if spec == "none":
+        return None
+    try:
+        count = int(spec)
+    except ValueError:
+        raise UsageError(f"--mesh must be auto, none or a device count, got {spec!r}") from None
+    try:
+        return parallel.data_mesh(count)
+    except ValueError as error:
+        raise UsageError(f"--mesh {spec}: {error}") from None
+
+
+def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
+    from benchmarks import resume
+
+    if args.no_checkpoint:
+        return resume.NoCheckpoint()
+    directory = args.checkpoint_dir or Path(args.out) / "checkpoints" / study
+    if args.checkpoint_dir and len(args.study_names) > 1:
+        directory = Path(args.checkpoint_dir) / study
+    try:
+        checkpointer = resume.Checkpointer(
+            directory,
+            study,
+            config,
+            keep=args.keep,
+            remove_when_done=not args.keep_checkpoints,
+        )
+    except (PermissionError, resume.ConfigMismatch, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if checkpointer.resuming:
+        print(f"resuming {study} from {checkpointer.directory}")
+    return checkpointer
+
+
+# ---------------------------------------------------------------------------
+# Running
+
+
+def run_study(name: str, config: Any, args: argparse.Namespace) -> dict:
+    """Runs one study end to end and returns its result dict."""
+    import jax
+
+    from benchmarks import reporting
+
+    out = Path(args.out)
+    checkpointer = make_checkpointer(name, config, args)
     study = importlib.import_module(f"benchmarks.{name}")
-    print(f"== {name} ({config.size}) ==")
+    print(f"== {name} ({config.get('size', 'custom')}) ==")
     start = time.perf_counter()
-    result = study.run(config)
-    json_path = reporting.write_json(result, out / f"{name}.json")
-    png_path = study.plot(result, out / f"{name}.png")
-    print(study.table(result))
-    print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f} s\n")
+    result = study.run(config, checkpoint_dir=checkpointer, mesh=args.mesh_value, fsdp=args.fsdp)
+    restored = getattr(checkpointer, "restored", [])
+    if restored:
+        print(f"restored from checkpoints: {', '.join(restored)}")
+    if jax.process_index() == 0:  # multi-host: one writer
+        json_path = reporting.write_json(result, out / f"{name}.json")
+        png_path = study.plot(result, out / f"{name}.png")
+        print(study.table(result))
+        print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f} s\n")
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list]:
+    rest, overrides = split_overrides(argv)
+    args = build_parser().parse_args(rest)
     if args.study not in (*STUDIES, "all"):
-        choices = ", ".join((*STUDIES, "all"))
-        print(f"error: unknown study {args.study!r}; choose one of {choices}", file=sys.stderr)
-        return 2
+        close = difflib.get_close_matches(args.study, STUDIES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(
+            f"unknown study {args.study!r}{hint}; choose one of {', '.join((*STUDIES, 'all'))}"
+        )
     if args.seeds is not None and args.seeds < 1:
-        print(f"error: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.keep < 1:
+        raise UsageError(f"--keep must be at least 1, got {args.keep}")
+    args.study_names = STUDIES if args.study == "all" else (args.study,)
+    if overrides and len(args.study_names) > 1:
+        raise UsageError("--config.KEY overrides need a single study, not 'all'")
+    if args.config not in (None, "quick", "full") and len(args.study_names) > 1:
+        raise UsageError("--config FILE needs a single study, not 'all'")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    traceback = "--traceback" in argv
+    try:
+        args, overrides = parse(argv)
+        if args.distributed:
+            from benchmarks import parallel
+
+            parallel.initialize_distributed()
+        args.mesh_value = make_mesh(args.mesh)
+        configs = {name: make_config(name, args, overrides) for name in args.study_names}
+        for name, config in configs.items():
+            try:
+                run_study(name, config, args)
+            except (ValueError, TypeError, FileNotFoundError) as error:
+                if traceback:
+                    raise
+                print(f"error: {name}: {error}", file=sys.stderr)
+                return 1
+    except UsageError as error:
+        if traceback:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    names = STUDIES if args.study == "all" else (args.study,)
-    for name in names:
-        run_study(name, args.quick, args.seeds, Path(args.out))
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
 
 

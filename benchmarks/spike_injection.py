@@ -355,12 +355,14 @@ def train_method(
 ) -> tuple[dict, float, float]:
     """Trains ``name`` on every seed; returns numpy outputs, compile and run seconds.
 
-    With a ``mesh`` (see :mod:`benchmarks.parallel`) the inputs are replicated on its
-    devices and each step's minibatch is sharded over its ``data`` axis.
+    With a ``mesh`` (see :mod:`benchmarks.parallel`) the data are replicated on its
+    devices (``setup`` is placed by the caller) and each step's minibatch is sharded
+    over its ``data`` axis.
     """
     train = make_train(name, config, split, clip, mesh)
     args = (setup, split.x_train, split.y_train, split.x_test, split.y_test)
-    return measure.compile_and_run(train, *parallel.replicate(args, mesh))
+    setup, *data = args
+    return measure.compile_and_run(train, setup, *parallel.replicate(data, mesh))
 
 
 # ---------------------------------------------------------------------------
@@ -463,6 +465,7 @@ def run(
     *,
     checkpoint_dir: Any = None,
     mesh: Any = "auto",
+    fsdp: bool = False,
 ) -> dict:
     """Runs every method of ``config.methods`` and returns the JSON-ready result.
 
@@ -473,6 +476,7 @@ def run(
         config picks up after the last finished method.
       mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
         devices when there are several).
+      fsdp: with a mesh, split large parameter leaves over its ``data`` axis.
     """
     checkpointer = resume.open_checkpointer(checkpoint_dir, "spike_injection", config)
     mesh = parallel.resolve_mesh(mesh)
@@ -482,6 +486,10 @@ def run(
         methods.remove("clean")
         methods.insert(0, "clean")
     setup = make_setup(config, split)
+    if mesh is not None:  # seeds stay whole; each seed's large leaves may be split
+        setup = {**parallel.replicate(setup, mesh), "params": parallel.place_params(
+            setup["params"], mesh, fsdp, leading_axes=1
+        )}  # fmt: skip
     first = jax.tree.map(lambda leaf: leaf[0], setup["params"])
     units = optstab.tree.leaf_names(first)
     raw: dict[str, dict] = {}

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["latest_step", "restore", "save"]
+__all__ = ["all_steps", "latest_step", "restore", "save"]
 
 PyTree = Any
 
@@ -276,6 +276,29 @@ def latest_step(path: str | os.PathLike) -> int | None:
         manager = _manager(path, read_only=True)
         try:
             return manager.latest_step()
+        finally:
+            manager.close()
+
+
+def all_steps(path: str | os.PathLike) -> list[int]:
+    """Every step saved under ``path``, ascending (empty when there is none).
+
+    Example:
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> from optstab import checkpoint
+        >>> root = tempfile.mkdtemp()
+        >>> for step in (5, 2):
+        ...     checkpoint.save(root, step, {"w": jnp.zeros(2)})
+        >>> checkpoint.all_steps(root)
+        [2, 5]
+    """
+    if not _exists(path):
+        return []
+    with _quiet_orbax():
+        manager = _manager(path, read_only=True)
+        try:
+            return sorted(manager.all_steps())
         finally:
             manager.close()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -414,8 +415,11 @@ def all_finite(tree: PyTree) -> bool:
 # --------------------------------------------------------------------- 8 devices
 
 
-def run_on_eight_devices(worker: str | Path, out: str | Path, timeout: int) -> dict:
-    """Runs ``python WORKER OUT`` on 8 simulated CPU devices and loads the ``.npz`` it writes.
+def run_on_eight_devices(
+    worker: str | Path, out: str | Path, timeout: int, args: tuple[str, ...] = ()
+) -> dict:
+    """Runs ``python WORKER OUT *ARGS`` on 8 simulated CPU devices and loads the ``.npz``
+    (or ``.json``) file it writes.
 
     The subprocess runs from the repository root with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu``. A failed
@@ -430,7 +434,7 @@ def run_on_eight_devices(worker: str | Path, out: str | Path, timeout: int) -> d
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run(
-        [sys.executable, str(worker), str(out)],
+        [sys.executable, str(worker), str(out), *args],
         env=env,
         cwd=str(Path(__file__).resolve().parents[1]),
         capture_output=True,
@@ -439,5 +443,7 @@ def run_on_eight_devices(worker: str | Path, out: str | Path, timeout: int) -> d
     )
     if done.returncode != 0 or not Path(out).exists():
         pytest.fail(f"the 8-device worker failed:\n{done.stderr[-8000:]}", pytrace=False)
+    if Path(out).suffix == ".json":
+        return json.loads(Path(out).read_text())
     with np.load(out, allow_pickle=False) as data:
         return {name: data[name] for name in data.files}

@@ -1,0 +1,55 @@
+"""Helpers for the study tests: tiny configs and comparisons of two results."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from configs import spike_injection as spike_config
+
+# Result keys that are measurements of the machine, not of the method.
+MACHINE_KEYS = frozenset({"timing_s", "environment", "mesh", "compile_s", "run_s", "step_s"})
+
+
+def tiny_spike_config():
+    """A ``spike_injection`` config that trains in seconds (batch divisible by 8)."""
+    config = spike_config.get_config("quick")
+    config.methods = ("clean", "none", "clip_by_global_norm", "gnmr_clip")
+    config.num_seeds, config.num_steps, config.spike_start = 2, 60, 10
+    config.hidden = (16,)
+    return config
+
+
+def is_machine_key(key: str, ignore: frozenset = MACHINE_KEYS) -> bool:
+    """Keys holding timings or machine facts: listed, ``*_s`` (seconds) or ``*time*``."""
+    return key in ignore or key.endswith("_s") or "time" in key
+
+
+def metrics(result: Any, ignore: frozenset = MACHINE_KEYS) -> Any:
+    """``result`` without its machine measurements (timings, environment, mesh)."""
+    if isinstance(result, dict):
+        return {k: metrics(v, ignore) for k, v in result.items() if not is_machine_key(k, ignore)}
+    if isinstance(result, list | tuple):
+        return [metrics(v, ignore) for v in result]
+    return result
+
+
+def assert_close(got: Any, want: Any, rtol: float = 0.0, atol: float = 0.0, path: str = ""):
+    """Same structure and equal leaves (numbers within ``rtol``/``atol``; NaN == NaN)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (path, got.keys() ^ want.keys())
+        for key in want:
+            assert_close(got[key], want[key], rtol, atol, f"{path}/{key}")
+    elif isinstance(want, list | tuple):
+        assert isinstance(got, list | tuple) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, rtol, atol, f"{path}[{i}]")
+    elif isinstance(want, float) and isinstance(got, int | float) and not isinstance(got, bool):
+        if math.isnan(want):
+            assert math.isnan(got), (path, got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=path)
+    else:
+        assert got == want, (path, got, want)
