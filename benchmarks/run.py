@@ -98,7 +98,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if arg.startswith(OVERRIDE):
             key, eq, value = arg[len(OVERRIDE) :].partition("=")
             if not eq:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise UsageError(f"{arg} needs a value ({arg}=VALUE)")
                 value, i = argv[i + 1], i + 1
             if not key:
