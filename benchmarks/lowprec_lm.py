@@ -405,9 +405,11 @@ def train_method(
     init, chunk = build(name, config, model.graphdef)
     params, quant_state, switches = jax.tree.map(jnp.copy, model.initial)  # chunks donate
     run = Run(params, quant_state, switches, *jax.jit(jax.vmap(init))(params))
-    if mesh is not None:  # the seed axis of the parameters is never split
-        run = parallel.replicate(run, mesh)
-        run = run._replace(params=parallel.place_params(run.params, mesh, fsdp, leading_axes=1))
+    if mesh is not None:  # FSDP splits params and optimizer state alike, never the seed axis
+        run = parallel.place_params(run, mesh, fsdp, leading_axes=1)
+    # The state keeps its shardings from chunk to chunk (XLA would otherwise pick new
+    # ones for the outputs, and the compiled chunk accepts only the ones it was built for).
+    run_shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding, run)
     val = jnp.asarray(val)
 
     def evaluate_all(run: Run):
@@ -421,7 +423,8 @@ def train_method(
         return shard_inputs([inputs[k][:, start : start + every] for k in INPUT_ORDER], mesh)
 
     start = time.perf_counter()
-    chunk_all = jax.jit(jax.vmap(chunk), donate_argnums=0).lower(run, *chunk_inputs(0)).compile()
+    chunk_all = jax.jit(jax.vmap(chunk), donate_argnums=0, out_shardings=(run_shardings, None))
+    chunk_all = chunk_all.lower(run, *chunk_inputs(0)).compile()
     compile_s = time.perf_counter() - start
     first_val = np.asarray(evaluate_all(run))
 

@@ -7,8 +7,9 @@ Started by ``test_lowprec_lm.py::test_data_parallel_matches_one_device`` with
 
 For ``none`` and ``gnmr_precision`` it runs the study's ``train_method`` on a tiny
 config twice: with the batch sharded over a ``("data",)`` mesh of 8 devices, and with no
-mesh. Keys ``<method>/<sharded|single>/<trace>``; ``error`` holds a traceback instead if
-the run raised.
+mesh; then ``none`` on a wider model with its large kernels split over the devices
+(FSDP). Keys ``<method>/<sharded|single>/<trace>`` and ``fsdp/...``; ``error`` holds a
+traceback instead if the run raised.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from lowprec_tiny import tiny_config  # noqa: E402
 
-from benchmarks import lm, lowprec_lm  # noqa: E402
+from benchmarks import lm, lowprec_lm, parallel  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -43,6 +44,15 @@ def main(out: str) -> None:
                 out_m = lowprec_lm.train_method(name, config, quant, inputs, val, mesh=m)
                 for key in ("val_curve", "loss", "high_precision"):
                     results[f"{name}/{label}/{key}"] = np.asarray(out_m[key])
+        # FSDP: a wider model whose MLP kernels (64 x 256) are split over the 8 devices.
+        config.width, config.mlp_width = 64, 256
+        model = lowprec_lm.model_fns(config, quant)
+        shardings = parallel.param_shardings(model.initial[0], mesh, fsdp=True, leading_axes=1)
+        specs = [s.spec for s in jax.tree.leaves(shardings)]
+        results["fsdp/split_leaves"] = np.array(sum(parallel.DATA in spec for spec in specs))
+        for label, m in (("sharded", mesh), ("single", None)):
+            out_m = lowprec_lm.train_method("none", config, quant, inputs, val, mesh=m, fsdp=True)
+            results[f"fsdp/{label}/val_curve"] = np.asarray(out_m["val_curve"])
     except Exception:  # noqa: BLE001 - reported to the test through the file
         results = {"error": np.array(traceback.format_exc())}
     np.savez(out, **results)

@@ -138,6 +138,8 @@ def test_data_parallel_matches_one_device(tmp_path):
         np.testing.assert_array_equal(
             r[f"{name}/sharded/high_precision"], r[f"{name}/single/high_precision"]
         )
+    assert int(r["fsdp/split_leaves"]) >= 4  # the block's four 64 x 256 / 256 x 64 kernels
+    np.testing.assert_allclose(r["fsdp/sharded/val_curve"], r["fsdp/single/val_curve"], rtol=2e-4)
 
 
 @pytest.mark.parametrize(
