@@ -19,7 +19,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check optstab benchmarks tests
 
 pytest: $(STAMP)
-	$(PY) -m pytest -n $(WORKERS) --doctest-modules optstab tests
+	$(PY) -m pytest -n $(WORKERS) --doctest-modules optstab benchmarks tests
 
 test: lint pytest
 

@@ -19,6 +19,17 @@ Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize()`
 
     gcloud compute tpus tpu-vm ssh NAME --worker=all --command \\
       "cd optstab && .venv/bin/python -m benchmarks.run lowprec_lm --config full --distributed"
+
+Example (on one device ``"auto"`` gives no mesh, and every helper is a no-op):
+
+    >>> import jax.numpy as jnp
+    >>> from benchmarks import parallel
+    >>> mesh = parallel.data_mesh(1)
+    >>> x = parallel.shard_batch(jnp.zeros((8, 3)), mesh)
+    >>> x.sharding.spec, parallel.describe(mesh)
+    (P('data', None), {'devices': 1, 'axes': {'data': 1}})
+    >>> parallel.shard_batch(jnp.zeros((8, 3)), None).shape  # no mesh: unchanged
+    (8, 3)
 """
 
 from __future__ import annotations

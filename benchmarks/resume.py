@@ -21,6 +21,26 @@ Layout of a checkpoint directory::
 
 ``NoCheckpoint`` has the same interface and does nothing, so a study's code is the
 same with and without checkpointing.
+
+Example:
+
+    >>> import tempfile, numpy as np, ml_collections
+    >>> from benchmarks import resume
+    >>> config = ml_collections.ConfigDict({"steps": 3})
+    >>> root = tempfile.mkdtemp() + "/run"
+    >>> def advance(x, k):  # one chunk: new state, chunk output
+    ...     return x * 2, {"k": k}
+    >>> ck = resume.Checkpointer(root, "demo", config, remove_when_done=False)
+    >>> ck.stage("setup", lambda: {"w": np.ones(2)})["w"]
+    array([1., 1.])
+    >>> state, outputs = ck.loop("train", np.float32(1), config.steps, advance)
+    >>> float(state), outputs
+    (8.0, [{'k': 0}, {'k': 1}, {'k': 2}])
+    >>> again = resume.Checkpointer(root, "demo", config)  # e.g. after a kill
+    >>> state, outputs = again.loop("train", np.float32(1), config.steps, advance)
+    >>> float(state), again.restored  # nothing recomputed
+    (8.0, ['train'])
+    >>> again.finish()  # the run is complete: its checkpoints are removed
 """
 
 from __future__ import annotations
