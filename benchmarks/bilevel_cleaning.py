@@ -36,6 +36,14 @@ Cost, per method, of the one update step that training runs (``x`` and the optim
 state donated): compiled bytes (argument + output + temp - alias, from XLA's memory
 analysis), compile time, and the median step time of ``step_repeats`` calls timed
 round-robin over all methods in the same run, after training.
+
+Resuming and devices. With a checkpoint directory every method x seed training is
+saved when it finishes; a rerun with the same config restores those and trains the
+rest (the compiled bytes and step times are measured again: they take seconds). With
+a mesh (:mod:`benchmarks.parallel`), the step is compiled for minibatches sharded
+over the ``data`` axis (``inner_batch`` and ``outer_batch`` must divide by its size)
+and a replicated ``x``, optimizer state and MLP (with ``fsdp``, large MLP leaves and
+their companions in the state are split); the compiled bytes are then per device.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks import bilevel_problems as problems
-from benchmarks import measure, models, reporting
+from benchmarks import measure, models, parallel, reporting, resume
 from optstab import bilevel
 
 BASELINES = ("no_cleaning", "oracle")
@@ -82,13 +90,14 @@ def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:
     }
 
 
-def batches_at(setup: dict, name: str, t: int) -> tuple[tuple, tuple]:
-    """``(inner_batch, outer_batch)`` of step ``t`` for method ``name``."""
+def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple[tuple, tuple]:
+    """``(inner_batch, outer_batch)`` of step ``t`` for method ``name``, sharded over
+    the ``data`` axis of ``mesh`` (if any)."""
     data = setup["data"]
     idx = setup["clean_inner" if name == "oracle" else "inner"][t]
     out = setup["outer"][t]
     inner = (idx, data.x_train[idx], data.y_train[idx])
-    return inner, (data.x_val[out], data.y_val[out])
+    return parallel.shard_batch((inner, (data.x_val[out], data.y_val[out])), mesh)
 
 
 # ---------------------------------------------------------------------------
@@ -110,12 +119,14 @@ def plain_step(problem: bilevel.BilevelProblem, inner_lr: float):
     return step
 
 
-def make_method(name: str, config: ml_collections.ConfigDict, setup: dict):
-    """``(step, initial carry)`` of method ``name`` on the seed of ``setup``."""
+def make_method(name: str, config: ml_collections.ConfigDict, setup: dict, mesh=None, fsdp=False):
+    """``(step, initial carry)`` of method ``name`` on the seed of ``setup``; the carry
+    is placed on ``mesh`` (if any) by :func:`benchmarks.parallel.place_params`."""
     problem = problems.cleaning_problem(setup["params"], config.l2)
     x0 = jnp.full((setup["data"].x_train.shape[0],), config.init_logit, jnp.float32)
     if name in BASELINES:
-        return plain_step(problem, config.inner_lr), (x0, setup["params"])
+        carry = parallel.place_params((x0, setup["params"]), mesh, fsdp)
+        return plain_step(problem, config.inner_lr), carry
     steps = config.method_steps.get(name, {})
     tx = problems.make_solver(
         name,
@@ -127,7 +138,7 @@ def make_method(name: str, config: ml_collections.ConfigDict, setup: dict):
         key=config.seed + setup["seed"],
         radius=config.radius,
     )
-    return problems.bilevel_step(tx), (x0, tx.init(x0))
+    return problems.bilevel_step(tx), parallel.place_params((x0, tx.init(x0)), mesh, fsdp)
 
 
 def lower_variable(name: str, carry: tuple) -> Any:
@@ -145,10 +156,15 @@ def _evaluate(params, inputs, labels):
 # Training
 
 
-def train(name: str, compiled: problems.CompiledStep, config, setup: dict) -> dict:
-    """Runs ``num_steps`` updates of ``name`` on one seed; final metrics and curves."""
+def train(
+    name: str, compiled: problems.CompiledStep, config, setup: dict, mesh=None, fsdp=False
+) -> dict:
+    """Runs ``num_steps`` updates of ``name`` on one seed; final metrics and curves.
+
+    Returns plain dicts, lists and Python scalars (a checkpointable stage).
+    """
     data = setup["data"]
-    _, carry = make_method(name, config, setup)
+    _, carry = make_method(name, config, setup, mesh, fsdp)
     carry = problems.fresh_copy(carry)
     curves: dict[str, list] = {"step": [], "val_loss": [], "val_acc": [], "detect_f1": []}
 
@@ -164,7 +180,7 @@ def train(name: str, compiled: problems.CompiledStep, config, setup: dict) -> di
     start = time.perf_counter()
     bar = tqdm(range(config.num_steps), desc=f"{name} seed {setup['seed']}", leave=False)
     for t in bar:
-        carry = compiled.fn(*carry, *batches_at(setup, name, t))
+        carry = compiled.fn(*carry, *batches_at(setup, name, t, mesh))
         if (t + 1) % config.eval_every == 0 or t + 1 == config.num_steps:
             record(t + 1, carry)
     jax.block_until_ready(carry)
@@ -196,11 +212,14 @@ def train(name: str, compiled: problems.CompiledStep, config, setup: dict) -> di
     return {"final": record_, "curves": curves}
 
 
-def compile_method(name: str, config, setup: dict) -> tuple[problems.CompiledStep, tuple, tuple]:
-    """The compiled donated step of ``name``, its initial carry and a fixed batch."""
-    step, carry = make_method(name, config, setup)
-    batch = batches_at(setup, name, 0)
-    return problems.compile_step(step, *carry, *batch), carry, batch
+def compile_method(
+    name: str, config, setup: dict, mesh=None, fsdp=False
+) -> tuple[problems.CompiledStep, tuple, tuple]:
+    """The compiled donated step of ``name``, its initial carry and a fixed batch
+    (placed on ``mesh``, if any, as the training places them)."""
+    step, carry = make_method(name, config, setup, mesh, fsdp)
+    batch = batches_at(setup, name, 0, mesh)
+    return problems.compile_step(step, *carry, *batch, mesh=mesh), carry, batch
 
 
 # ---------------------------------------------------------------------------
@@ -265,8 +284,29 @@ def goal_checks(methods: dict, config: ml_collections.ConfigDict) -> tuple[dict,
     return goal, best
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Trains every method on every seed, then measures the cost of each update step."""
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint_dir: Any = None,
+    mesh: Any = "auto",
+    fsdp: bool = False,
+) -> dict:
+    """Trains every method on every seed, then measures the cost of each update step.
+
+    Args:
+      config: ``configs/bilevel_cleaning.py``'s ``get_config(size)``.
+      checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
+        each method x seed training is saved when it finishes, and a rerun with the
+        same config trains only what is missing.
+      mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
+        devices when there are several). Minibatches are sharded over its ``data``
+        axis, so ``inner_batch`` and ``outer_batch`` must divide by its size
+        (``ValueError`` otherwise); compiled bytes are then per device.
+      fsdp: with a mesh, split large MLP leaves (and their optimizer state) over its
+        ``data`` axis.
+    """
+    checkpointer = resume.open_checkpointer(checkpoint_dir, "bilevel_cleaning", config)
+    mesh = parallel.resolve_mesh(mesh)
     trained = list(config.methods)
     names = trained + [n for n in config.memory_only_methods if n not in trained]
     for name in names:
@@ -276,14 +316,21 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     compiled, carries, fixed = {}, {}, {}
     for name in tqdm(names, desc="compile"):
-        compiled[name], carries[name], fixed[name] = compile_method(name, config, setups[0])
+        compiled[name], carries[name], fixed[name] = compile_method(
+            name, config, setups[0], mesh, fsdp
+        )
 
     per_seed: dict[str, list[dict]] = {name: [] for name in trained}
     curves: dict[str, list[dict]] = {name: [] for name in trained}
     with tqdm(total=len(trained) * len(setups), desc="bilevel_cleaning") as bar:
         for name in trained:
             for setup in setups:
-                out = train(name, compiled[name], config, setup)
+                out = checkpointer.stage(
+                    f"{name}-seed{setup['seed']}",
+                    lambda name=name, setup=setup: train(
+                        name, compiled[name], config, setup, mesh, fsdp
+                    ),
+                )
                 per_seed[name].append(out["final"])
                 curves[name].append(out["curves"])
                 bar.update()
@@ -320,7 +367,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "step_times_s": times,
             "memory_bytes": {name: compiled[name].memory for name in names},
         },
+        "mesh": parallel.describe(mesh),
     }
+    checkpointer.finish()
     return reporting.to_jsonable(result)
 
 

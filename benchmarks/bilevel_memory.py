@@ -22,6 +22,16 @@ Where the saving comes from: BROS keeps ``a P`` (``batch x rank``) per layer ins
 of the full weight gradient ``a^T dh`` (``width x width``) and the dense Hessian-vector
 product. When activations (``batch x width``) outweigh the weights, or the width is
 small, there is little to save, and the probes and factors add their own buffers.
+
+Resuming and devices. With a checkpoint directory every sweep point is saved when
+it is measured; a rerun with the same config measures only the missing points. With a
+mesh (:mod:`benchmarks.parallel`) each step is compiled for what training on that
+mesh would pass it: the minibatches sharded over the ``data`` axis (every batch size
+must divide by its size, else ``ValueError``), ``x`` and the optimizer state
+replicated (with ``fsdp``, large MLP leaves and their companions split). The bytes
+are then what XLA's memory analysis reports for the SPMD program, i.e. *per device*
+(``result["mesh"]["devices"]`` says over how many), and not comparable with a run on
+one device.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from benchmarks import bilevel_problems as problems
-from benchmarks import measure, models, reporting
+from benchmarks import measure, models, parallel, reporting, resume
 
 # Per-method figures kept in the summary (the raw part keeps every repeat).
 SUMMARY_KEYS = ("peak_bytes", "bytes_ratio", "reduction", "step_time_s", "time_ratio", "compile_s")
@@ -83,9 +93,14 @@ def point_inputs(config: ml_collections.ConfigDict, width: int, batch: int) -> d
     }
 
 
-def measure_point(config: ml_collections.ConfigDict, point: dict) -> dict:
-    """Compiles and times every method at one point; bytes, seconds and ratios."""
+def measure_point(config: ml_collections.ConfigDict, point: dict, mesh=None, fsdp=False) -> dict:
+    """Compiles and times every method at one point; bytes, seconds and ratios.
+
+    Returns ``{"num_params": int, "methods": {name: figures}}`` in plain containers
+    (a checkpointable stage); with a ``mesh``, for inputs placed on it.
+    """
     inputs = point_inputs(config, point["width"], point["batch"])
+    batch = parallel.shard_batch(inputs["batch"], mesh)
     problem = problems.cleaning_problem(inputs["params"], config.l2)
     names = method_names(config)
     compiled, carries, batches = {}, {}, {}
@@ -94,11 +109,11 @@ def measure_point(config: ml_collections.ConfigDict, point: dict) -> dict:
         tx = problems.make_solver(
             name, problem, config.inner_lr, config.aux_lr, config.average, config.outer_lr
         )
-        state = tx.init(inputs["x"])
+        carry = parallel.place_params((inputs["x"], tx.init(inputs["x"])), mesh, fsdp)
         step = problems.bilevel_step(tx)
-        compiled[name] = problems.compile_step(step, inputs["x"], state, *inputs["batch"])
-        carries[name] = (inputs["x"], state)
-        batches[name] = inputs["batch"]
+        compiled[name] = problems.compile_step(step, *carry, *batch, mesh=mesh)
+        carries[name] = carry
+        batches[name] = batch
     timed = [n for n in names if config.time_naive or not n.endswith("_naive")]
     times = problems.time_compiled_steps(
         {name: compiled[name] for name in timed},
@@ -124,7 +139,7 @@ def measure_point(config: ml_collections.ConfigDict, point: dict) -> dict:
         m["reduction"] = 1.0 - m["bytes_ratio"]
         timed_here = m["step_time_s"] is not None
         m["time_ratio"] = m["step_time_s"] / reference["step_time_s"] if timed_here else None
-    return {**point, "num_params": inputs["num_params"], "methods": methods}
+    return {"num_params": inputs["num_params"], "methods": methods}
 
 
 def goal_checks(largest: dict, config: ml_collections.ConfigDict) -> dict:
@@ -141,11 +156,35 @@ def goal_checks(largest: dict, config: ml_collections.ConfigDict) -> dict:
     return goal
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Measures every point of both sweeps; returns the JSON-ready result."""
-    points = [
-        measure_point(config, point) for point in tqdm(sweep_points(config), desc="bilevel_memory")
-    ]
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint_dir: Any = None,
+    mesh: Any = "auto",
+    fsdp: bool = False,
+) -> dict:
+    """Measures every point of both sweeps; returns the JSON-ready result.
+
+    Args:
+      config: ``configs/bilevel_memory.py``'s ``get_config(size)``.
+      checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
+        each sweep point is saved when measured, and a rerun with the same config
+        measures only the missing ones.
+      mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
+        devices when there are several). Every batch size must divide by the size of
+        its ``data`` axis (``ValueError`` otherwise); the bytes are then per device.
+      fsdp: with a mesh, split large MLP leaves (and their optimizer state) over its
+        ``data`` axis.
+    """
+    checkpointer = resume.open_checkpointer(checkpoint_dir, "bilevel_memory", config)
+    mesh = parallel.resolve_mesh(mesh)
+    points = []
+    for point in tqdm(sweep_points(config), desc="bilevel_memory"):
+        measured = checkpointer.stage(
+            f"w{point['width']}_b{point['batch']}",
+            lambda point=point: measure_point(config, point, mesh, fsdp),
+        )
+        points.append({**point, **measured})
     # The largest configuration: the point where MA-SOBA needs the most bytes.
     largest = max(points, key=lambda p: p["methods"]["ma_soba"]["peak_bytes"])
     bros = [n for n in method_names(config) if n != "ma_soba"]
@@ -178,7 +217,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
             }
             for p in points
         },
+        "mesh": parallel.describe(mesh),
     }
+    checkpointer.finish()
     return reporting.to_jsonable(result)
 
 
@@ -218,9 +259,12 @@ def table(result: dict) -> str:
     reductions = ", ".join(
         f"{name} {100 * value:.1f}%" for name, value in s["largest_config_reduction"].items()
     )
+    devices = result.get("mesh", {}).get("devices", 1)
+    per_device = f"; bytes per device, data parallel over {devices}" if devices > 1 else ""
     lines = [
         f"MLP 64-w-w-10, one donated update step; ratios vs ma_soba at the same point; median "
-        f"of {config['step_repeats']} round-robin steps; on {result['environment']['device_kind']}",
+        f"of {config['step_repeats']} round-robin steps; on {result['environment']['device_kind']}"
+        + per_device,
         reporting.format_table(headers, rows),
         f"reduction vs ma_soba at the largest config (width {largest['width']}, batch "
         f"{largest['batch']}): {reductions}",

@@ -50,6 +50,14 @@ renormalised to sum to one (``mixture_per_seed`` has the raw values), ``ranking`
 the domains from largest to smallest weight. Training is a ``lax.scan`` over steps
 under ``jax.vmap`` over seeds (and over settings that share a compiled function:
 the two baselines, SOBA with MA-SOBA, a tuning grid).
+
+Resuming and devices. With a checkpoint directory each compiled training job (the
+baselines, SOBA with MA-SOBA, each BROS rank) is saved when it finishes; a rerun with
+the same config trains only the missing jobs. With a mesh
+(:mod:`benchmarks.parallel`), each step's minibatches are sharded over its ``data``
+axis (``batch_size`` and ``outer_batch_size`` must divide by its size, else
+``ValueError``), the data, indices and settings are replicated and the initial MLPs
+placed by :func:`benchmarks.parallel.place_params` (seeds never split).
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from benchmarks import bilevel_problems, measure, models, reporting
+from benchmarks import bilevel_problems, measure, models, parallel, reporting, resume
 from optstab import bilevel
 
 NUM_CLASSES = 10
@@ -242,13 +250,14 @@ def fixed_weights(name: str, num_domains: int) -> np.ndarray:
 # Training
 
 
-def make_train_one(kind: str, config: ml_collections.ConfigDict, num_domains: int):
+def make_train_one(kind: str, config: ml_collections.ConfigDict, num_domains: int, mesh=None):
     """``train_one(hyper, setup, domain_x, domain_y, x_val, y_val, x_test, y_test)``.
 
     ``kind`` is a solver name, or ``"fixed"`` for the baselines, which then read their
     mixture from ``hyper["weights"]`` (a (K,) vector). Trains one seed and returns the
     final mixture and target metrics, and every ``record_every`` steps the mixture and
-    the whole-validation loss. Not jitted: :func:`make_train` vmaps and jits it.
+    the whole-validation loss. Not jitted: :func:`make_train` vmaps and jits it. With a
+    ``mesh``, every minibatch is split over its ``data`` axis along the example axis.
     """
     if kind != "fixed":
         check_method(kind)
@@ -259,8 +268,12 @@ def make_train_one(kind: str, config: ml_collections.ConfigDict, num_domains: in
 
         def batches(idx):
             inner_idx, outer_idx = idx
-            inner = (domain_x[rows, inner_idx], domain_y[rows, inner_idx])
-            return inner, (x_val[outer_idx], y_val[outer_idx])
+            inner = (domain_x[rows, inner_idx], domain_y[rows, inner_idx])  # (K, b, ...)
+            outer = (x_val[outer_idx], y_val[outer_idx])
+            return (
+                parallel.batch_constraint(inner, mesh, axis=1),
+                parallel.batch_constraint(outer, mesh, axis=0),
+            )
 
         if kind == "fixed":
             weights = hyper["weights"]
@@ -314,10 +327,10 @@ def make_train_one(kind: str, config: ml_collections.ConfigDict, num_domains: in
     return train_one
 
 
-def make_train(kind: str, config: ml_collections.ConfigDict, num_domains: int):
+def make_train(kind: str, config: ml_collections.ConfigDict, num_domains: int, mesh=None):
     """:func:`make_train_one` vmapped over a leading axis of ``hyper`` (settings or
     baselines) and over seeds, and jitted: outputs are ``(settings, seeds, ...)``."""
-    train_one = make_train_one(kind, config, num_domains)
+    train_one = make_train_one(kind, config, num_domains, mesh)
     over_seeds = jax.vmap(train_one, in_axes=(None, 0, 0, 0, None, None, None, None))
     return jax.jit(jax.vmap(over_seeds, in_axes=(0, None, None, None, None, None, None, None)))
 
@@ -368,14 +381,29 @@ def make_setup(config: ml_collections.ConfigDict, num_domains: int, n_domain: in
     return setup
 
 
+def place_data(data: dict, mesh, fsdp: bool = False) -> dict:
+    """``data`` replicated on ``mesh``, the initial MLPs (stacked over seeds) placed by
+    :func:`benchmarks.parallel.place_params`; unchanged without a mesh."""
+    if mesh is None:
+        return data
+    setup = dict(data["setup"])
+    params = parallel.place_params(setup.pop("params"), mesh, fsdp, leading_axes=1)
+    rest = {key: value for key, value in data.items() if key != "setup"}
+    setup = {**parallel.replicate(setup, mesh), "params": params}
+    return {**parallel.replicate(rest, mesh), "setup": setup}
+
+
 def train_kind(
-    kind: str, hyper: dict[str, Any], config: ml_collections.ConfigDict, data: dict
+    kind: str, hyper: dict[str, Any], config: ml_collections.ConfigDict, data: dict, mesh=None
 ) -> tuple[dict, float, float]:
     """Trains ``kind`` for each of the stacked settings in ``hyper`` and every seed;
-    returns numpy outputs (axes settings, seeds), compile and run seconds."""
-    train = make_train(kind, config, data["domain_x"].shape[1])
+    returns numpy outputs (axes settings, seeds), compile and run seconds.
+
+    With a ``mesh``, ``data`` must be placed on it (:func:`place_data`).
+    """
+    train = make_train(kind, config, data["domain_x"].shape[1], mesh)
     args = (
-        jax.tree.map(jnp.asarray, hyper),
+        parallel.replicate(jax.tree.map(jnp.asarray, hyper), mesh),
         data["setup"],
         data["domain_x"],
         data["domain_y"],
@@ -431,13 +459,29 @@ def jobs_of(config: ml_collections.ConfigDict, num_domains: int) -> list[tuple[s
     return jobs
 
 
-def train_methods(config: ml_collections.ConfigDict, data: dict) -> tuple[dict, dict]:
+def train_methods(
+    config: ml_collections.ConfigDict,
+    data: dict,
+    checkpointer: resume.NoCheckpoint | None = None,
+    mesh=None,
+) -> tuple[dict, dict]:
     """Trains every method of ``config.methods`` (see :func:`jobs_of`); returns
-    per-method numpy outputs (axis 0 = seeds) and timings."""
+    per-method numpy outputs (axis 0 = seeds) and timings.
+
+    Each job is a stage of ``checkpointer`` named after its methods, e.g.
+    ``soba+ma_soba``. With a ``mesh``, ``data`` must be placed on it (:func:`place_data`).
+    """
+    checkpointer = checkpointer or resume.NoCheckpoint()
     outputs, timing = {}, {}
     jobs = jobs_of(config, data["domain_x"].shape[1])
     for kind, names, hyper in tqdm(jobs, desc="bilevel_mixture"):
-        out, compile_s, run_s = train_kind(kind, hyper, config, data)
+
+        def job(kind=kind, hyper=hyper):
+            out, compile_s, run_s = train_kind(kind, hyper, config, data, mesh)
+            return {"out": out, "compile_s": compile_s, "run_s": run_s}
+
+        trained = checkpointer.stage("+".join(names), job)
+        out, compile_s, run_s = trained["out"], trained["compile_s"], trained["run_s"]
         for i, name in enumerate(names):
             outputs[name] = jax.tree.map(lambda a, i=i: a[i], out)
             timing[name] = {"compile_s": compile_s, "run_s": run_s, "shared_with": names}
@@ -527,12 +571,31 @@ def summarize_method(out: dict) -> dict:
     }
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Runs every method of ``config.methods`` and returns the JSON-ready result."""
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint_dir: Any = None,
+    mesh: Any = "auto",
+    fsdp: bool = False,
+) -> dict:
+    """Runs every method of ``config.methods`` and returns the JSON-ready result.
+
+    Args:
+      config: ``configs/bilevel_mixture.py``'s ``get_config(size)``.
+      checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
+        each training job (methods sharing a compiled function) is saved when it
+        finishes, and a rerun with the same config trains only the missing ones.
+      mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
+        devices when there are several). ``batch_size`` and ``outer_batch_size``
+        must divide by the size of its ``data`` axis (``ValueError`` otherwise).
+      fsdp: with a mesh, split large MLP leaves over its ``data`` axis.
+    """
+    checkpointer = resume.open_checkpointer(checkpoint_dir, "bilevel_mixture", config)
+    mesh = parallel.resolve_mesh(mesh)
     for name in config.methods:
         check_method(name)
     data = make_data(config)
-    outputs, timing = train_methods(config, data)
+    outputs, timing = train_methods(config, place_data(data, mesh, fsdp), checkpointer, mesh)
     raw: dict[str, dict] = {}
     methods: dict[str, dict] = {}
     for name, out in outputs.items():
@@ -573,8 +636,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
             ),
         },
         "timing_s": timing,
+        "mesh": parallel.describe(mesh),
         "raw": raw,
     }
+    checkpointer.finish()
     return reporting.to_jsonable(result)
 
 

@@ -212,10 +212,22 @@ class CompiledStep(NamedTuple):
     memory: dict[str, int]  # measure.memory_bytes: argument, output, temp, alias, total
 
 
-def compile_step(step: Callable, *args: Any) -> CompiledStep:
-    """Compiles ``step(*args)`` donating ``args[0]`` and ``args[1]``; memory from XLA."""
+def compile_step(step: Callable, *args: Any, mesh: Any = None) -> CompiledStep:
+    """Compiles ``step(*args)`` donating ``args[0]`` and ``args[1]``; memory from XLA.
+
+    The executable takes arguments placed as ``args`` are. With a ``mesh`` its two
+    outputs keep the shardings of ``args[0]`` and ``args[1]``, so that one call's
+    outputs can be the next call's inputs; the memory is then per device.
+    """
+    if mesh is not None:
+        step = keep_shardings(step, jax.tree.map(lambda leaf: leaf.sharding, args[:2]))
     compiled, seconds = measure.compile_timed(step, *args, donate_argnums=(0, 1))
     return CompiledStep(compiled, seconds, measure.memory_bytes(compiled))
+
+
+def keep_shardings(step: Callable, shardings: Any) -> Callable:
+    """``step`` with its outputs constrained to ``shardings`` (inside ``jit``)."""
+    return lambda *inputs: jax.lax.with_sharding_constraint(step(*inputs), shardings)
 
 
 def fresh_copy(tree: Any) -> Any:
