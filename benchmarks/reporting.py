@@ -109,10 +109,11 @@ def format_goals(goal: Mapping[str, Any]) -> str:
 
 
 def plot_style() -> None:
-    """Matplotlib settings shared by every study's figure (non-interactive backend)."""
-    import matplotlib
+    """Matplotlib settings shared by every study's figure (global rcParams).
 
-    matplotlib.use("Agg")
+    The backend is left alone, so figures show inline in a notebook; the command-line
+    runner selects the non-interactive ``Agg`` backend itself.
+    """
     import matplotlib.pyplot as plt
 
     plt.rcParams.update(

@@ -307,6 +307,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # figures go to files; no display needed
     argv = sys.argv[1:] if argv is None else argv
     traceback = "--traceback" in argv
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 # Must be set before jax is imported anywhere in the test process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files, never shown
 # The tests run tiny programs, so XLA compile time dominates on CPU: skipping LLVM's
 # optimisation passes halves it (HLO-level fusion, hence the float results, is
 # unchanged). OPTSTAB_TEST_FULL_OPT=1 keeps XLA's default.
