@@ -3,13 +3,13 @@
 A study splits its work into named *stages* (one method's training, one sweep point,
 one section of a lab) and, inside a long stage, a *loop* of equal chunks. With a
 :class:`Checkpointer` every finished stage is saved, and a loop saves its carried
-state after each chunk (orbax ``CheckpointManager``: atomic writes, the newest
-``keep`` kept). Run again with the same study and config, the study restores what
-was done and goes on from there. Because every stage and every chunk is a
-deterministic function of its inputs (explicit PRNG keys, the same compiled
-programs, the same chunk boundaries), a run that was killed and resumed ends with
-bit-identical metrics to one that was never interrupted. Only wall-clock timings
-differ.
+state after a chunk once ``save_interval_s`` seconds have passed since its last save
+(orbax ``CheckpointManager``: atomic writes, the newest ``keep`` kept). Run again
+with the same study and config, the study restores what was done and goes on from
+there. Because every stage and every chunk is a deterministic function of its inputs
+(explicit PRNG keys, the same compiled programs, the same chunk boundaries), a run
+that was killed and resumed ends with bit-identical metrics to one that was never
+interrupted. Only wall-clock timings differ.
 
 Layout of a checkpoint directory::
 
@@ -17,7 +17,7 @@ Layout of a checkpoint directory::
                           match all three)
     stage-<name>/0/       a finished stage's result (plain dicts / lists / arrays)
     loop-<name>/<k>/      a loop's carried state after k chunks (newest `keep`)
-    loop-<name>-out/<k>/  chunk k's output (every chunk is kept: the stage needs all)
+    loop-<name>-out/<k>/  the outputs of chunks 0..k-1 (newest `keep` + 1)
 
 ``NoCheckpoint`` has the same interface and does nothing, so a study's code is the
 same with and without checkpointing.
@@ -30,7 +30,9 @@ Example:
     >>> root = tempfile.mkdtemp() + "/run"
     >>> def advance(x, k):  # one chunk: new state, chunk output
     ...     return x * 2, {"k": k}
-    >>> ck = resume.Checkpointer(root, "demo", config, remove_when_done=False)
+    >>> ck = resume.Checkpointer(
+    ...     root, "demo", config, save_interval_s=0, remove_when_done=False
+    ... )
     >>> ck.stage("setup", lambda: {"w": np.ones(2)})["w"]
     array([1., 1.])
     >>> state, outputs = ck.loop("train", np.float32(1), config.steps, advance)
@@ -38,7 +40,7 @@ Example:
     (8.0, [{'k': 0}, {'k': 1}, {'k': 2}])
     >>> again = resume.Checkpointer(root, "demo", config)  # e.g. after a kill
     >>> state, outputs = again.loop("train", np.float32(1), config.steps, advance)
-    >>> float(state), again.restored  # nothing recomputed
+    >>> float(state), again.restored  # only the last chunk ran again
     (8.0, ['train'])
     >>> again.finish()  # the run is complete: its checkpoints are removed
 """
@@ -50,6 +52,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,8 @@ class Checkpointer(NoCheckpoint):
       config: the study's config. Resuming with another study or config raises
         :class:`ConfigMismatch` instead of mixing the two runs.
       keep: how many of a loop's newest state checkpoints to keep (at least 1).
+      save_interval_s: a loop saves its state after a chunk when this many seconds
+        have passed since its last save (0: after every chunk).
       remove_when_done: :meth:`finish` deletes the directory (the JSON result is the
         durable output, and stale checkpoints must not outlive a code change).
     """
@@ -153,10 +158,14 @@ class Checkpointer(NoCheckpoint):
         config: ml_collections.ConfigDict | dict,
         *,
         keep: int = 2,
+        save_interval_s: float = 60.0,
         remove_when_done: bool = True,
     ):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
+        if save_interval_s < 0:
+            raise ValueError(f"save_interval_s must be >= 0, got {save_interval_s}")
+        self.save_interval_s = save_interval_s
         self.directory = Path(directory).absolute()
         self.keep = keep
         self.remove_when_done = remove_when_done
@@ -214,27 +223,37 @@ class Checkpointer(NoCheckpoint):
     ) -> tuple[PyTree, list]:
         """Runs ``state, output = advance(state, k)`` for k in ``range(num_chunks)``.
 
-        After chunk k the output (plain containers, as for :meth:`stage`) and then
-        the state are saved; a resumed loop restores the newest state into the
-        structure, dtypes and shardings of the initial ``state`` and goes on with
-        the next chunk. Returns the final state and the list of chunk outputs.
+        After a chunk that ends at least ``save_interval_s`` seconds after the last
+        save (every chunk when it is 0), the outputs so far (plain containers, as for
+        :meth:`stage`) and then the state are saved under step ``k + 1``. A resumed
+        loop restores the newest state into the structure, dtypes and shardings of
+        the initial ``state`` and goes on with the next chunk. The last chunk is not
+        saved here: the stage that runs the loop saves its result. Returns the final
+        state and the list of chunk outputs.
         """
         state_path = self.directory / f"loop-{name}"
         output_path = self.directory / f"loop-{name}-out"
         start = checkpoint.latest_step(state_path) or 0
+        outputs = []
         if start:
             self.restored.append(name)
             state = checkpoint.restore(state_path, start, state)
-        outputs = [checkpoint.restore(output_path, k) for k in range(start)]
-        # A run killed between the two saves below redoes a chunk whose output was
-        # saved: it computes the same output again, and the saved one is kept.
-        saved = set(checkpoint.all_steps(output_path))
+            outputs = checkpoint.restore(output_path, start)
+        saved_outputs = set(checkpoint.all_steps(output_path))
+        last_save = time.monotonic()
         for index in range(start, num_chunks):
             state, output = advance(state, index)
             outputs.append(output)
-            if index not in saved:
-                checkpoint.save(output_path, index, output)
-            checkpoint.save(state_path, index + 1, state, keep=self.keep)
+            done = index + 1
+            if done == num_chunks or time.monotonic() - last_save < self.save_interval_s:
+                continue
+            # Outputs first, then the state; the outputs keep one more step, so the
+            # outputs of the newest state survive a kill between the two saves (a
+            # redone chunk computes the same outputs, which are then not saved again).
+            if done not in saved_outputs:
+                checkpoint.save(output_path, done, outputs, keep=self.keep + 1)
+            checkpoint.save(state_path, done, state, keep=self.keep)
+            last_save = time.monotonic()
         return state, outputs
 
     def finish(self) -> None:

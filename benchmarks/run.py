@@ -15,7 +15,8 @@ The runner calls ``benchmarks.<study>.run(config, ...)``, writes the returned di
 ``<out>/<study>.json``, draws ``<out>/<study>.png`` and prints a summary table.
 
 Resume: finished stages (and chunks of long loops) are checkpointed under
-``<out>/checkpoints/<study>`` (``--checkpoint-dir`` to move it). A run that was killed
+``<out>/checkpoints/<study>`` (``--checkpoint-dir`` to move it; long training loops
+also save their state every ``--save-every`` seconds). A run that was killed
 resumes when started again with the same command, and ends with the same metrics as an
 uninterrupted one; the directory is removed when the run completes. A directory holding
 a run of another config, or of other code, is refused.
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-dir", default=None, help="default: <out>/checkpoints/<study>")
     parser.add_argument("--no-checkpoint", action="store_true", help="do not checkpoint")
     parser.add_argument("--keep", type=int, default=2, help="loop checkpoints kept (newest)")
+    parser.add_argument(
+        "--save-every",
+        type=float,
+        default=60.0,
+        help="seconds between checkpoints inside a training loop (0: every chunk)",
+    )
     parser.add_argument(
         "--keep-checkpoints", action="store_true", help="keep the checkpoints of a finished run"
     )
@@ -249,6 +256,7 @@ def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
             study,
             config,
             keep=args.keep,
+            save_interval_s=args.save_every,
             remove_when_done=not args.keep_checkpoints,
         )
     except (PermissionError, resume.ConfigMismatch, ValueError) as error:
@@ -298,6 +306,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list]:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
     if args.keep < 1:
         raise UsageError(f"--keep must be at least 1, got {args.keep}")
+    if args.save_every < 0:
+        raise UsageError(f"--save-every must be at least 0, got {args.save_every}")
     args.study_names = STUDIES if args.study == "all" else (args.study,)
     if overrides and len(args.study_names) > 1:
         raise UsageError("--config.KEY overrides need a single study, not 'all'")
