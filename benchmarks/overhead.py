@@ -22,6 +22,13 @@ Measured, per method:
 The optimizer update costs the same whatever the batch, while forward and backward
 grow with it, so time ratios depend on ``batch_size``; on a CPU the update is a large
 share of the step.
+
+Resume: the round-robin step timings and the update timings are each one checkpointed
+stage; compilation (and so compile time and memory) is redone on a resumed run.
+
+Mesh: with a device mesh the batch is split over its ``data`` axis, parameters and
+optimizer state are replicated (or, with ``fsdp``, their large leaves split), and the
+compiled memory is that of one device's program.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import optax
 from tqdm.auto import tqdm
 
 import optstab
-from benchmarks import measure, models, reporting
+from benchmarks import measure, models, parallel, reporting, resume
 from optstab.stability import baselines
 
 GNMR_METHODS = ("gnmr_chain", "gnmr_wrap")
@@ -75,33 +82,82 @@ def make_batch(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]
 _init_params = jax.jit(models.mlp_init, static_argnums=1)
 
 
-def make_params(config: ml_collections.ConfigDict) -> Any:
+def make_params(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, fsdp: bool = False
+) -> Any:
     """Fresh initial parameters (a new buffer each call, since steps donate them)."""
-    return _init_params(jax.random.key(config.seed), tuple(config.sizes))
+    params = _init_params(jax.random.key(config.seed), tuple(config.sizes))
+    return parallel.place_params(params, mesh, fsdp)
 
 
-def train_step_fn(tx: optax.GradientTransformation):
-    """``(params, opt_state, x, y) -> (params, opt_state, loss)``."""
+def train_step_fn(tx: optax.GradientTransformation, state_shardings: Any = None):
+    """``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+    With ``state_shardings`` (those of ``(params, opt_state)``) the new state keeps
+    them, so that the compiled step accepts its own output.
+    """
 
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(models.cross_entropy)(params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        state = (optax.apply_updates(params, updates), opt_state)
+        if state_shardings is not None:
+            state = jax.lax.with_sharding_constraint(state, state_shardings)
+        return *state, loss
 
     return step
 
 
-def prepare(name: str, config: ml_collections.ConfigDict, batch, grads) -> dict:
-    """Compiles the train step and the update of ``name``: executables, times, memory."""
-    tx = make_optimizer(name, config)
+def update_fn(tx: optax.GradientTransformation, state_shardings: Any = None):
+    """``tx.update``; with ``state_shardings`` the new state keeps them (as above)."""
+    if state_shardings is None:
+        return tx.update
+
+    def update(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return updates, jax.lax.with_sharding_constraint(opt_state, state_shardings)
+
+    return update
+
+
+def init_fn(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None, fsdp: bool):
+    """Jitted ``tx.init``. With a mesh, the state is placed by the parameters' rule
+    (``parallel.place_params``): replicated, or with ``fsdp`` its large leaves split,
+    as moments shaped like the parameters should be (XLA would replicate them)."""
     init = jax.jit(tx.init)
-    params = make_params(config)
+    if mesh is None:
+        return init
+    return lambda params: parallel.place_params(init(params), mesh, fsdp)
+
+
+def shardings_of(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
+    """The shardings of ``tree``'s arrays, or None without a mesh."""
+    return None if mesh is None else jax.tree.map(lambda leaf: leaf.sharding, tree)
+
+
+def prepare(name: str, config: ml_collections.ConfigDict, batch, grads, mesh, fsdp) -> dict:
+    """Compiles the train step and the update of ``name``: executables, times, memory.
+
+    The executables take the shardings of their example arguments: ``batch`` as the
+    caller placed it, parameters (and so the optimizer state) by ``mesh`` and ``fsdp``.
+    """
+    tx = make_optimizer(name, config)
+    init = init_fn(tx, mesh, fsdp)
+    params = make_params(config, mesh, fsdp)
     opt_state = init(params)
     step, step_compile_s = measure.compile_timed(
-        train_step_fn(tx), params, opt_state, *batch, donate_argnums=(0, 1)
+        train_step_fn(tx, shardings_of((params, opt_state), mesh)),
+        params,
+        opt_state,
+        *batch,
+        donate_argnums=(0, 1),
     )
     update, update_compile_s = measure.compile_timed(
-        tx.update, grads, opt_state, params, donate_argnums=(1,)
+        update_fn(tx, shardings_of(opt_state, mesh)),
+        grads,
+        opt_state,
+        params,
+        donate_argnums=(1,),
     )
     return {
         "init": init,
@@ -119,19 +175,40 @@ def ratios(values: dict[str, float], reference: str = "adamw") -> dict[str, floa
     return {name: value / values[reference] for name, value in values.items()}
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Compiles and times every method of ``config.methods``; returns the JSON-ready result."""
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    checkpoint_dir: Any = None,
+    mesh: Any = "auto",
+    fsdp: bool = False,
+) -> dict:
+    """Compiles and times every method of ``config.methods``; returns the JSON-ready result.
+
+    Args:
+      config: ``configs/overhead.py``'s ``get_config(size)``.
+      checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
+        the step timings and the update timings are saved when each pass finishes; a
+        rerun with the same config recompiles every method (compile time and memory
+        are measured again) and reuses the saved timings.
+      mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
+        devices when there are several). ``config.batch_size`` must be divisible by
+        the number of devices on the ``data`` axis (else a ValueError).
+      fsdp: with a mesh, split large parameter and optimizer-state leaves over its
+        ``data`` axis.
+    """
+    checkpointer = resume.open_checkpointer(checkpoint_dir, "overhead", config)
+    mesh = parallel.resolve_mesh(mesh)
     methods = list(config.methods)
     if "adamw" not in methods:
         raise ValueError("the overhead study needs 'adamw' as its reference method")
-    batch = make_batch(config)
-    params = make_params(config)
+    batch = parallel.shard_batch(make_batch(config), mesh)
+    params = make_params(config, mesh, fsdp)
     grads = jax.jit(jax.grad(models.cross_entropy))(params, *batch)
     num_params = models.num_params(params)
 
     prepared = {}
     for name in tqdm(methods, desc="compile"):
-        prepared[name] = prepare(name, config, batch, grads)
+        prepared[name] = prepare(name, config, batch, grads, mesh, fsdp)
 
     def step_runner(name):
         compiled = prepared[name]["step"]
@@ -147,22 +224,31 @@ def run(config: ml_collections.ConfigDict) -> dict:
         return lambda opt_state: compiled(grads, opt_state, params)[1]
 
     def fresh_state(name):
-        own_params = make_params(config)  # the step donates its params
+        own_params = make_params(config, mesh, fsdp)  # the step donates its params
         return own_params, prepared[name]["init"](own_params)
 
-    step_times, _ = measure.interleaved_times(
-        {name: step_runner(name) for name in methods},
-        {name: fresh_state(name) for name in methods},
-        repeats=config.step_repeats,
-        warmup=config.warmup_rounds,
-        desc="train step",
+    def timing_pass(runner, state, repeats, desc):
+        def compute():
+            times, _ = measure.interleaved_times(
+                {name: runner(name) for name in methods},
+                {name: state(name) for name in methods},
+                repeats=repeats,
+                warmup=config.warmup_rounds,
+                desc=desc,
+            )
+            return {name: np.asarray(t) for name, t in times.items()}
+
+        return compute
+
+    # All methods are timed together, round-robin: each pass is one stage.
+    step_times = checkpointer.stage(
+        "step_times", timing_pass(step_runner, fresh_state, config.step_repeats, "train step")
     )
-    update_times, _ = measure.interleaved_times(
-        {name: update_runner(name) for name in methods},
-        {name: fresh_state(name)[1] for name in methods},
-        repeats=config.update_repeats,
-        warmup=config.warmup_rounds,
-        desc="update only",
+    update_times = checkpointer.stage(
+        "update_times",
+        timing_pass(
+            update_runner, lambda name: fresh_state(name)[1], config.update_repeats, "update only"
+        ),
     )
 
     step_median = {name: measure.median(step_times[name]) for name in methods}
@@ -198,6 +284,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "study": "overhead",
         "config": config,
         "environment": reporting.environment(),
+        "mesh": parallel.describe(mesh),
         "summary": summary,
         "raw": {
             "step_times_s": step_times,
@@ -206,6 +293,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             "update_memory_bytes": update_memory,
         },
     }
+    checkpointer.finish()
     return reporting.to_jsonable(result)
 
 

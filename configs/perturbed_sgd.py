@@ -17,6 +17,17 @@ import ml_collections
 
 from configs import new_config
 
+SECTIONS = (
+    "locality",  # statement 1
+    "depth",  # statements 2 and 4
+    "linearity",  # statement 3
+    "rates",  # statement 5
+    "recovery",  # statement 6
+    "threshold",  # statement 7
+    "example",  # the plot's loss curves
+    "zero_cost",  # statement 0
+)
+
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     """``size`` is ``"quick"`` (CPU, under 3 minutes) or ``"full"``."""
@@ -26,6 +37,9 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.num_seeds = 3 if quick else 10
     c.split_seed = 0
     c.test_fraction = 0.25
+    # The sections to run (each one checkpointed stage); a statement is reported when
+    # the sections it needs ran. Fewer sections: a faster partial run (tests).
+    c.sections = SECTIONS
 
     # The N-operator chains (statements 1-4, 7): N - 1 square operators on the 30
     # features, then a logistic head. "deep_linear": bias-free factors initialised as
