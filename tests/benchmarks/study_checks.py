@@ -10,7 +10,8 @@ import numpy as np
 from configs import spike_injection as spike_config
 
 # Result keys that are measurements of the machine, not of the method.
-MACHINE_KEYS = frozenset({"timing_s", "environment", "mesh", "compile_s", "run_s", "step_s"})
+MACHINE_KEYS = frozenset({"environment", "mesh", "ratio_size_0", "ratio_size_small"})
+TIMING_WORDS = ("time_ratio", "step_time", "update_time", "compile_time", "_times")
 
 
 def tiny_spike_config():
@@ -23,8 +24,9 @@ def tiny_spike_config():
 
 
 def is_machine_key(key: str, ignore: frozenset = MACHINE_KEYS) -> bool:
-    """Keys holding timings or machine facts: listed, ``*_s`` (seconds) or ``*time*``."""
-    return key in ignore or key.endswith("_s") or "time" in key
+    """Keys holding timings or machine facts: listed, ``*_s`` (seconds), step/update/
+    compile times and time ratios (``recovery_time``, a step count, is a metric)."""
+    return key in ignore or key.endswith("_s") or any(word in key for word in TIMING_WORDS)
 
 
 def metrics(result: Any, ignore: frozenset = MACHINE_KEYS) -> Any:
