@@ -390,8 +390,9 @@ def train_method(
     are several), a ``("data",)`` mesh, or None (everything on the default device);
     ``fsdp``: with a mesh, split large parameters over its ``data`` axis.
     ``model``: the regime's shared :class:`ModelFns` (built here if None).
-    ``checkpointer``: saves the training state after every ``eval_every`` steps (as
-    loop ``loop_name``, default ``name``) and resumes from the newest save.
+    ``checkpointer``: saves the training state at the end of an ``eval_every`` chunk
+    (as loop ``loop_name``, default ``name``; how often: its ``save_interval_s``) and
+    resumes from the newest save.
 
     Returns a dict with ``val_curve`` (seeds, evals), ``loss``, ``grad_norm`` (seeds,
     steps), ``high_precision`` (seeds, steps, layers), ``layer_grad_norms`` (seeds,
@@ -667,8 +668,9 @@ def run(
     Args:
       config: ``configs/lowprec_lm.py``'s ``get_config(size)``.
       checkpoint_dir: None, a directory or a :class:`benchmarks.resume.Checkpointer`:
-        every ``eval_every`` steps of a method's training are saved, and a rerun with
-        the same config resumes from the newest save.
+        each finished method is saved, and inside a method's training the state at
+        the end of an ``eval_every`` chunk (see ``Checkpointer.save_interval_s``); a
+        rerun with the same config resumes from the newest save.
       mesh: see :mod:`benchmarks.parallel` (``"auto"``: data parallel over all
         devices when there are several).
       fsdp: with a mesh, split large parameters over its ``data`` axis.

@@ -47,6 +47,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -83,10 +84,14 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def fingerprint(study: str, config: ml_collections.ConfigDict | dict) -> dict:
-    """What a resume must match: the study, its full config and the code."""
+def fingerprint(
+    study: str, config: ml_collections.ConfigDict | dict, context: dict | None = None
+) -> dict:
+    """What a resume must match: the study, its full config, the code, and the
+    ``context`` it runs in (devices, library versions: a resumed run on other
+    devices would not reproduce the same bits)."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    run = {"study": study, "config": as_dict, "code": code_version()}
+    run = {"study": study, "config": as_dict, "code": code_version(), "context": context}
     # JSON round trip: tuples become lists, as they will be when read back.
     return json.loads(json.dumps(run, sort_keys=True, default=str))
 
@@ -107,6 +112,17 @@ def check_writable(directory: Path) -> None:
         raise PermissionError(message) from None
 
 
+def check_plain(value: PyTree, what: str) -> PyTree:
+    """``value`` if it can be checkpointed and restored without a target, else a
+    ``TypeError`` (checked with and without checkpointing, so tests catch it early)."""
+    if not checkpoint.is_plain(value):
+        raise TypeError(
+            f"{what} must be dicts with string keys, lists, tuples, None, arrays and "
+            "numbers (no strings, NamedTuples or other pytree nodes)"
+        )
+    return value
+
+
 class NoCheckpoint:
     """The :class:`Checkpointer` interface without any saving: runs everything."""
 
@@ -115,8 +131,7 @@ class NoCheckpoint:
     resuming = False
 
     def stage(self, name: str, compute: Callable[[], PyTree]) -> PyTree:
-        del name
-        return compute()
+        return check_plain(compute(), f"stage {name!r}")
 
     def loop(
         self,
@@ -125,11 +140,10 @@ class NoCheckpoint:
         num_chunks: int,
         advance: Callable[[PyTree, int], tuple[PyTree, PyTree]],
     ) -> tuple[PyTree, list]:
-        del name
         outputs = []
         for index in range(num_chunks):
             state, output = advance(state, index)
-            outputs.append(output)
+            outputs.append(check_plain(output, f"loop {name!r} output"))
         return state, outputs
 
     def finish(self) -> None:
@@ -149,6 +163,8 @@ class Checkpointer(NoCheckpoint):
         have passed since its last save (0: after every chunk).
       remove_when_done: :meth:`finish` deletes the directory (the JSON result is the
         durable output, and stale checkpoints must not outlive a code change).
+      context: what else a resume must match (the runner records the devices and the
+        jax, jaxlib and orbax versions).
     """
 
     def __init__(
@@ -160,6 +176,7 @@ class Checkpointer(NoCheckpoint):
         keep: int = 2,
         save_interval_s: float = 60.0,
         remove_when_done: bool = True,
+        context: dict | None = None,
     ):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
@@ -172,7 +189,8 @@ class Checkpointer(NoCheckpoint):
         self.restored: list[str] = []  # names of stages and loops picked up from disk
         self.resuming = False  # the directory held this run already
         check_writable(self.directory)
-        self._claim(fingerprint(study, config))
+        self._active_loops: list[str] = []
+        self._claim(fingerprint(study, config, context))
 
     def _claim(self, expected: dict) -> None:
         path = self.directory / RUN_FILE
@@ -182,16 +200,21 @@ class Checkpointer(NoCheckpoint):
                 "study": f"of another study ({found.get('study')})",
                 "config": "with another config",
                 "code": "made by other code (optstab or benchmarks changed since)",
+                "context": f"on other devices or versions ({found.get('context')})",
             }
-            for what, reason in differs.items():
-                if found.get(what) != expected[what]:
-                    raise ConfigMismatch(
-                        f"checkpoint directory {str(self.directory)!r} holds a run {reason}; "
-                        "remove it or choose another directory"
-                    )
-            self.resuming = True
-            return
-        if any(self.directory.iterdir()):
+            mismatch = [
+                reason for what, reason in differs.items() if found.get(what) != expected[what]
+            ]
+            if not mismatch:
+                self.resuming = True
+                return
+            if self._saved():
+                raise ConfigMismatch(
+                    f"checkpoint directory {str(self.directory)!r} holds a run {mismatch[0]}; "
+                    "remove it or choose another directory"
+                )
+            # Nothing was saved under the old claim (say its config was rejected): take over.
+        elif self._saved() or any(self._foreign()):
             raise ConfigMismatch(
                 f"checkpoint directory {str(self.directory)!r} is not empty and holds no "
                 f"{RUN_FILE}; choose an empty directory"
@@ -200,18 +223,33 @@ class Checkpointer(NoCheckpoint):
         temporary.write_text(json.dumps(expected, indent=1, sort_keys=True))
         os.replace(temporary, path)  # atomic: a killed run never leaves half a file
 
+    def _saved(self) -> bool:
+        """Whether any stage or loop has been saved in the directory."""
+        return any(p.name.startswith(("stage-", "loop-")) for p in self.directory.iterdir())
+
+    def _foreign(self) -> list[Path]:
+        """Entries the checkpointer did not write (its temporary files excepted)."""
+        own = (".probe-", f".{RUN_FILE}.tmp", RUN_FILE)
+        return [p for p in self.directory.iterdir() if not p.name.startswith(own)]
+
     def stage(self, name: str, compute: Callable[[], PyTree]) -> PyTree:
         """``compute()``'s result, from disk when this stage finished before.
 
         The result must be made of dicts with string keys, lists, tuples, None,
-        arrays and Python scalars (it is restored without a target).
+        arrays and Python scalars (it is restored without a target, dict key order
+        included). The checkpoints of loops run inside the stage are deleted once
+        the stage is saved.
         """
         path = self.directory / f"stage-{name}"
         if checkpoint.latest_step(path) is not None:
             self.restored.append(name)
             return checkpoint.restore(path)
-        value = compute()
+        self._active_loops = []
+        value = check_plain(compute(), f"stage {name!r}")
         checkpoint.save(path, 0, value)
+        for loop in self._active_loops:
+            for suffix in ("", "-out"):
+                shutil.rmtree(self.directory / f"loop-{loop}{suffix}", ignore_errors=True)
         return value
 
     def loop(
@@ -231,19 +269,20 @@ class Checkpointer(NoCheckpoint):
         saved here: the stage that runs the loop saves its result. Returns the final
         state and the list of chunk outputs.
         """
+        self._active_loops.append(name)
         state_path = self.directory / f"loop-{name}"
         output_path = self.directory / f"loop-{name}-out"
         start = checkpoint.latest_step(state_path) or 0
         outputs = []
         if start:
-            self.restored.append(name)
+            self.restored.append(f"{name}/loop")
             state = checkpoint.restore(state_path, start, state)
             outputs = checkpoint.restore(output_path, start)
         saved_outputs = set(checkpoint.all_steps(output_path))
         last_save = time.monotonic()
         for index in range(start, num_chunks):
             state, output = advance(state, index)
-            outputs.append(output)
+            outputs.append(check_plain(output, f"loop {name!r} output"))
             done = index + 1
             if done == num_chunks or time.monotonic() - last_save < self.save_interval_s:
                 continue
@@ -269,9 +308,18 @@ def open_checkpointer(
     **kwargs: Any,
 ) -> NoCheckpoint:
     """The checkpointer a study's ``run`` uses: ``checkpoint_dir`` may be None (no
-    checkpoints), a directory, or a ready (No)Checkpointer."""
+    checkpoints), a directory, or a ready (No)Checkpointer.
+
+    A checkpointer handed in belongs to the caller: the study's ``finish()`` leaves
+    its directory alone, and the caller finishes it once the result is safely
+    written (the runner does so after writing the JSON).
+    """
     if checkpoint_dir is None:
         return NoCheckpoint()
+    if isinstance(checkpoint_dir, Checkpointer):
+        borrowed = copy.copy(checkpoint_dir)  # shares `restored` and the directory
+        borrowed.remove_when_done = False
+        return borrowed
     if isinstance(checkpoint_dir, NoCheckpoint):
         return checkpoint_dir
     return Checkpointer(checkpoint_dir, study, config, **kwargs)

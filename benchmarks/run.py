@@ -25,9 +25,10 @@ Scale: ``--mesh auto`` (default) puts the batch of every training step on all de
 (data parallel); ``--fsdp`` also splits large parameters; ``--distributed`` calls
 ``jax.distributed.initialize()`` first, for multi-host runs (see benchmarks/README.md).
 
-Bad input (unknown study, bad override, unusable checkpoint directory) ends with a
-one-line ``error:`` message and exit status 2; errors a study raises on its config exit
-with status 1 (``--traceback`` shows the full traceback).
+Bad input (unknown study, bad override, broken config file, unusable checkpoint or
+output directory) ends with a one-line ``error:`` message and exit status 2; a
+``ValueError``, ``TypeError`` or ``OSError`` raised while a study runs (its own config
+checks, say) ends with one line and status 1. ``--traceback`` shows full tracebacks.
 """
 
 from __future__ import annotations
@@ -132,10 +133,18 @@ def load_config(study: str, spec: str) -> Any:
         raise UsageError(f"--config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - any failure of the user's file is bad input
+        raise UsageError(f"--config file {path!r}: {type(error).__name__}: {error}") from None
     if not hasattr(module, "get_config"):
         raise UsageError(f"--config file {path!r} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception as error:  # noqa: BLE001
+        raise UsageError(
+            f"--config {spec}: get_config raised {type(error).__name__}: {error}"
+        ) from None
 
 
 def parse_value(text: str, current: Any, where: str) -> Any:
@@ -152,6 +161,11 @@ def parse_value(text: str, current: Any, where: str) -> Any:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
             value = None
+        if value is None and isinstance(current, float):
+            try:
+                value = float(text)  # also inf and nan
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             kind = type(current).__name__
             raise UsageError(f"{where}: expected {kind}, got {text!r}")
@@ -168,10 +182,8 @@ def parse_value(text: str, current: Any, where: str) -> Any:
         else:
             items = [part.strip() for part in stripped.split(",") if part.strip()]
         items = list(items) if isinstance(items, tuple | list) else [items]
-        if current:
-            items = [
-                parse_value(str(x), current[0], where) if isinstance(x, str) else x for x in items
-            ]
+        if current:  # every item takes the type of the field's first item
+            items = [parse_value(str(x), current[0], where) for x in items]
         return type(current)(items)
     if current is None:
         try:
@@ -242,6 +254,24 @@ def make_mesh(spec: str) -> Any:
         raise UsageError(f"--mesh {spec}: {error}") from None
 
 
+def run_context(args: argparse.Namespace) -> dict:
+    """What else a resumed run must share with the interrupted one to give its bits."""
+    import jax
+    import jaxlib
+    import orbax.checkpoint
+
+    from benchmarks import parallel
+
+    return {
+        "devices": parallel.describe(parallel.resolve_mesh(args.mesh_value)),
+        "fsdp": args.fsdp,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "orbax": getattr(orbax.checkpoint, "__version__", "unknown"),
+    }
+
+
 def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
     from benchmarks import resume
 
@@ -258,11 +288,10 @@ def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
             keep=args.keep,
             save_interval_s=args.save_every,
             remove_when_done=not args.keep_checkpoints,
+            context=run_context(args),
         )
     except (PermissionError, resume.ConfigMismatch, ValueError) as error:
         raise UsageError(str(error)) from None
-    if checkpointer.resuming:
-        print(f"resuming {study} from {checkpointer.directory}")
     return checkpointer
 
 
@@ -270,16 +299,17 @@ def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
 # Running
 
 
-def run_study(name: str, config: Any, args: argparse.Namespace) -> dict:
-    """Runs one study end to end and returns its result dict."""
+def run_study(name: str, config: Any, checkpointer: Any, args: argparse.Namespace) -> dict:
+    """Runs one study end to end, writes its JSON and PNG, then drops its checkpoints."""
     import jax
 
     from benchmarks import reporting
 
     out = Path(args.out)
-    checkpointer = make_checkpointer(name, config, args)
     study = importlib.import_module(f"benchmarks.{name}")
     print(f"== {name} ({config.get('size', 'custom')}) ==")
+    if checkpointer.resuming:
+        print(f"resuming {name} from {checkpointer.directory}")
     start = time.perf_counter()
     result = study.run(config, checkpoint_dir=checkpointer, mesh=args.mesh_value, fsdp=args.fsdp)
     restored = getattr(checkpointer, "restored", [])
@@ -290,6 +320,7 @@ def run_study(name: str, config: Any, args: argparse.Namespace) -> dict:
         png_path = study.plot(result, out / f"{name}.png")
         print(study.table(result))
         print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f} s\n")
+    checkpointer.finish()  # only now: the result is on disk
     return result
 
 
@@ -313,7 +344,32 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list]:
         raise UsageError("--config.KEY overrides need a single study, not 'all'")
     if args.config not in (None, "quick", "full") and len(args.study_names) > 1:
         raise UsageError("--config FILE needs a single study, not 'all'")
+    if args.no_checkpoint and args.checkpoint_dir:
+        raise UsageError("--no-checkpoint contradicts --checkpoint-dir")
     return args, overrides
+
+
+def check_output_dir(path: str) -> None:
+    """The results folder must be writable before hours of work go into it."""
+    from benchmarks import resume
+
+    try:
+        resume.check_writable(Path(path))
+    except PermissionError as error:
+        raise UsageError(str(error).replace("checkpoint directory", "--out folder")) from None
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    import jax
+
+    from benchmarks import parallel
+
+    try:
+        parallel.initialize_distributed()
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"--distributed: {error}") from None
+    if jax.process_count() > 1 and not args.no_checkpoint:
+        raise UsageError("checkpointing a multi-host run is not supported yet: add --no-checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,18 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse(argv)
         if args.distributed:
-            from benchmarks import parallel
-
-            parallel.initialize_distributed()
+            initialize_distributed(args)
         args.mesh_value = make_mesh(args.mesh)
+        check_output_dir(args.out)
         configs = {name: make_config(name, args, overrides) for name in args.study_names}
+        checkpointers = {name: make_checkpointer(name, configs[name], args) for name in configs}
         for name, config in configs.items():
             try:
-                run_study(name, config, args)
-            except (ValueError, TypeError, FileNotFoundError) as error:
+                run_study(name, config, checkpointers[name], args)
+            except (ValueError, TypeError, OSError) as error:
                 if traceback:
                     raise
-                print(f"error: {name}: {error}", file=sys.stderr)
+                print(f"error: {name}: {type(error).__name__}: {error}", file=sys.stderr)
                 return 1
     except UsageError as error:
         if traceback:

@@ -55,13 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["all_steps", "latest_step", "restore", "save"]
+__all__ = ["all_steps", "is_plain", "latest_step", "restore", "save"]
 
 PyTree = Any
 
 _LEAVES = "leaves"
 _META = "meta"
-_FORMAT_VERSION = 2  # 2: data shape/dtype of every leaf, plain structure
+_FORMAT_VERSION = 2  # 2: data shape/dtype of every leaf, plain structure (key order kept)
 
 # Leaf kinds recorded in the metadata.
 _ARRAY = "array"  # jax.Array (restored as jax.Array with like's sharding)
@@ -150,7 +150,8 @@ class _NotPlain(Exception):
 def _plain_structure(state: PyTree) -> Any:
     """A JSON description of ``state``'s containers when they are all plain (dicts with
     string keys, lists, tuples, None), else None. Leaves are numbered in the order
-    ``jax.tree`` flattens them (dict keys sorted)."""
+    ``jax.tree`` flattens them (dict keys sorted); dicts also record their own key
+    order, which a target-free restore gives back."""
     counter = iter(range(len(jax.tree.leaves(state))))
 
     def encode(node: Any) -> Any:
@@ -159,7 +160,8 @@ def _plain_structure(state: PyTree) -> Any:
         if isinstance(node, dict) and type(node) is dict:
             if not all(isinstance(k, str) for k in node):
                 raise _NotPlain
-            return {"dict": {k: encode(node[k]) for k in sorted(node)}}
+            children = {k: encode(node[k]) for k in sorted(node)}
+            return {"dict": [[k, children[k]] for k in node]}
         if type(node) in (list, tuple):
             return {type(node).__name__: [encode(v) for v in node]}
         if isinstance(node, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
@@ -172,6 +174,22 @@ def _plain_structure(state: PyTree) -> Any:
         return None
 
 
+def is_plain(state: PyTree) -> bool:
+    """Whether ``state`` can be restored without a target: its containers are dicts with
+    string keys, lists, tuples and None, and its leaves arrays or Python numbers.
+
+    Example:
+
+        >>> import numpy as np
+        >>> from optstab import checkpoint
+        >>> checkpoint.is_plain({"loss": np.zeros(3), "runs": [1, 2.5, None]})
+        True
+        >>> checkpoint.is_plain({"name": "adam"})  # a string leaf
+        False
+    """
+    return _plain_structure(state) is not None
+
+
 def _build_plain(structure: Any, leaves: list) -> PyTree:
     """Inverse of :func:`_plain_structure`."""
     if isinstance(structure, int):
@@ -180,7 +198,7 @@ def _build_plain(structure: Any, leaves: list) -> PyTree:
     if kind == "none":
         return None
     if kind == "dict":
-        return {k: _build_plain(v, leaves) for k, v in body.items()}
+        return {k: _build_plain(v, leaves) for k, v in body}
     children = [_build_plain(v, leaves) for v in body]
     return children if kind == "list" else tuple(children)
 

@@ -234,6 +234,15 @@ def test_plain_containers_restore_without_target(tmp_path):
     assert restored["scalar"] == state["scalar"]
 
 
+def test_restore_without_target_keeps_dict_key_order(tmp_path):
+    state = {"zeta": 1.0, "alpha": {"b": np.ones(2), "a": 2}, "mid": [3]}
+    checkpoint.save(tmp_path, 0, state)
+    restored = checkpoint.restore(tmp_path)
+    assert list(restored) == ["zeta", "alpha", "mid"]
+    assert list(restored["alpha"]) == ["b", "a"]
+    assert checkpoint.is_plain(state) and not checkpoint.is_plain({"s": "text"})
+
+
 def test_restore_without_target_needs_plain_containers(tmp_path):
     checkpoint.save(tmp_path, 0, {"opt": optax.adam(0.1).init(jnp.zeros(2))})
     with pytest.raises(ValueError, match="pass `like`"):

@@ -120,11 +120,51 @@ def test_read_only_checkpoint_dir_is_one_line(capsys, tmp_path):
 
 def test_checkpoint_dir_of_another_config_is_refused(capsys, tmp_path):
     config = spike_config.get_config("quick")
-    resume.Checkpointer(tmp_path / "ck", "spike_injection", config)
+    resume.Checkpointer(tmp_path / "ck", "spike_injection", config).stage("a", lambda: [1])
     argv = ["spike_injection", "--quick", "--config.num_steps=10"]
     assert runner.main([*argv, "--checkpoint-dir", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "with another config" in err, err
+
+
+def test_broken_config_file_is_one_line(capsys, tmp_path):
+    for text in ("def get_config(:\n", "def get_config():\n    raise KeyError('x')\n"):
+        path = tmp_path / "broken.py"
+        path.write_text(text)
+        assert runner.main(["spike_injection", "--config", str(path), "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--config" in err, err
+
+
+def test_contradictions_and_unwritable_out_are_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = ["spike_injection", "--no-checkpoint", "--checkpoint-dir", str(tmp_path)]
+    assert runner.main(argv) == 2
+    assert "contradicts" in capsys.readouterr().err
+    assert runner.main(["spike_injection", "--quick", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out folder" in err, err
+
+
+def test_a_study_rejecting_its_config_is_one_line_exit_1(capsys, tmp_path):
+    argv = ["lowprec_lm", "--quick", "--config.methods=bogus", "--out", str(tmp_path)]
+    assert runner.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: lowprec_lm: ValueError") and err.count("\n") == 1, err
+    # Nothing was saved, so the corrected command may use the same directory.
+    config = lowprec_config.get_config("quick")
+    ck = resume.Checkpointer(tmp_path / "checkpoints" / "lowprec_lm", "lowprec_lm", config)
+    assert not ck.resuming
+
+
+def test_override_values_take_the_field_type():
+    assert runner.parse_value("(1, 2)", (0.5,), "w") == (1.0, 2.0)
+    assert runner.parse_value("3,4", [1], "w") == [3, 4]
+    assert runner.parse_value("inf", 1.0, "w") == float("inf")
+    assert runner.parse_value("-2", 1, "w") == -2
+    with pytest.raises(runner.UsageError, match="expected int"):
+        runner.parse_value("(1.5, 2)", (1,), "w")
 
 
 def test_cli_subprocess_error_has_no_traceback():
@@ -170,10 +210,40 @@ def test_checkpointer_stages_and_loops_resume(tmp_path):
     assert again.resuming
     np.testing.assert_array_equal(again.stage("one", compute)["a"], np.arange(3.0))
     state2, outputs2 = again.loop("l", {"x": np.float32(1.0)}, 3, advance)
-    assert calls == [2] and again.restored == ["one", "l"]
+    assert calls == [2] and again.restored == ["one", "l/loop"]
     assert float(state2["x"]) == float(state["x"]) and outputs2 == outputs
     again.finish()
     assert not (tmp_path / "ck").exists()
+
+
+def test_loop_resumes_after_a_kill_between_its_two_saves(tmp_path):
+    config = spike_config.get_config("quick")
+
+    def advance(state, index):
+        return state + 1.0, {"index": index}
+
+    first = resume.Checkpointer(
+        tmp_path / "ck", "s", config, save_interval_s=0, remove_when_done=False
+    )
+    state, outputs = first.loop("l", np.float32(0.0), 4, advance)
+    # As if killed after saving the outputs of step 3 but before its state.
+    subprocess.run(["rm", "-rf", str(tmp_path / "ck" / "loop-l" / "3")], check=True)
+    again = resume.Checkpointer(tmp_path / "ck", "s", config, save_interval_s=0)
+    state2, outputs2 = again.loop("l", np.float32(0.0), 4, advance)
+    assert float(state2) == float(state) == 4.0 and outputs2 == outputs
+
+
+def test_stage_results_must_be_plain(tmp_path):
+    config = spike_config.get_config("quick")
+    for checkpointer in (resume.NoCheckpoint(), resume.Checkpointer(tmp_path, "s", config)):
+        with pytest.raises(TypeError, match="no strings"):
+            checkpointer.stage("bad", lambda: {"name": "adam"})
+
+
+def test_a_claim_without_saves_is_taken_over(tmp_path):
+    one, other = spike_config.get_config("quick"), spike_config.get_config("full")
+    resume.Checkpointer(tmp_path / "ck", "s", one)
+    assert not resume.Checkpointer(tmp_path / "ck", "s", other).resuming
 
 
 def test_checkpointer_refuses_a_foreign_directory(tmp_path):
@@ -198,6 +268,8 @@ def test_spike_injection_resumes_bit_identically(tmp_path):
     resumed = spike_injection.run(config, checkpoint_dir=second, mesh=None)
     assert second.restored == ["clean", "none"]
     study_checks.assert_close(study_checks.metrics(resumed), study_checks.metrics(plain))
+    assert directory.exists()  # a checkpointer handed in is the caller's to finish
+    second.finish()
     assert not directory.exists()
 
 
