@@ -7,8 +7,10 @@ Started through ``conformance.run_on_eight_devices`` with
     python tests/benchmarks/_study_on_devices.py OUT.json STUDY MODULE:FUNCTION [fsdp]
 
 ``MODULE:FUNCTION`` (a module under tests/benchmarks/) returns the study's tiny
-config. The JSON holds ``{"devices": n, "sharded": result, "single": result}``, or
-``{"error": traceback}`` if the run raised.
+config. The JSON holds ``{"devices": n, "sharded": result, "single": result,
+"batch_shardings": k}``, where ``k`` counts the calls of ``parallel.shard_batch`` and
+``parallel.batch_constraint`` with a mesh (0 would mean the study never split a
+batch), or ``{"error": traceback}`` if the run raised.
 """
 
 from __future__ import annotations
@@ -27,7 +29,25 @@ import jax  # noqa: E402
 from benchmarks import parallel, reporting  # noqa: E402
 
 
+def count_batch_shardings() -> list:
+    """Wraps the two batch-splitting helpers so calls with a mesh are counted."""
+    calls = []
+
+    def counted(function):
+        def wrapper(tree, mesh, *args, **kwargs):
+            if mesh is not None:
+                calls.append(function.__name__)
+            return function(tree, mesh, *args, **kwargs)
+
+        return wrapper
+
+    parallel.shard_batch = counted(parallel.shard_batch)
+    parallel.batch_constraint = counted(parallel.batch_constraint)
+    return calls
+
+
 def main(out: str, study: str, config_fn: str, *flags: str) -> None:
+    calls = count_batch_shardings()
     try:
         module, function = config_fn.split(":")
         config = getattr(importlib.import_module(module), function)()
@@ -35,7 +55,12 @@ def main(out: str, study: str, config_fn: str, *flags: str) -> None:
         fsdp = "fsdp" in flags
         sharded = run(config, mesh=parallel.data_mesh(), fsdp=fsdp)
         single = run(config, mesh=None)
-        payload = {"devices": jax.device_count(), "sharded": sharded, "single": single}
+        payload = {
+            "devices": jax.device_count(),
+            "sharded": sharded,
+            "single": single,
+            "batch_shardings": len(calls),
+        }
     except Exception:  # noqa: BLE001 - reported to the test through the file
         payload = {"error": traceback.format_exc()}
     Path(out).write_text(json.dumps(reporting.to_jsonable(payload, digits=None)))

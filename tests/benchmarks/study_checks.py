@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,3 +56,21 @@ def assert_close(got: Any, want: Any, rtol: float = 0.0, atol: float = 0.0, path
             np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=path)
     else:
         assert got == want, (path, got, want)
+
+
+def eight_device_results(study: str, config_fn: str, out: Path, timeout: int = 600):
+    """Runs ``study`` on 8 simulated devices and on one (``_study_on_devices.py``) and
+    returns the two results' :func:`metrics`, after checking that the sharded run had
+    8 devices on its mesh and really split its batches."""
+    import conformance  # only in the test process (the worker imports this module too)
+    import pytest
+
+    worker = Path(__file__).resolve().parent / "_study_on_devices.py"
+    payload = conformance.run_on_eight_devices(worker, out, timeout, args=(study, config_fn))
+    if "error" in payload:
+        pytest.fail(f"8-device worker raised:\n{payload['error']}", pytrace=False)
+    assert payload["devices"] == 8
+    assert payload["sharded"]["mesh"] == {"devices": 8, "axes": {"data": 8}}
+    assert payload["single"]["mesh"] == {"devices": 1, "axes": {}}
+    assert payload["batch_shardings"] > 0, "the study never split a batch over the mesh"
+    return metrics(payload["sharded"]), metrics(payload["single"])

@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import study_checks
 import tiny_bilevel
-from conformance import run_on_eight_devices
 
 from benchmarks import resume
 
-HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "bilevel_cleaning": tiny_bilevel.cleaning_config,
     "bilevel_mixture": tiny_bilevel.mixture_config,
@@ -53,18 +51,9 @@ def test_a_killed_run_resumes_to_the_same_metrics(study, tmp_path):
 
 
 def test_mixture_on_eight_devices_matches_one_device(tmp_path):
-    payload = run_on_eight_devices(
-        HERE / "_study_on_devices.py",
-        tmp_path / "mixture.json",
-        timeout=600,  # ~30 s alone; much more on a busy machine
-        args=("bilevel_mixture", "tiny_bilevel:mixture_config"),
+    sharded, single = study_checks.eight_device_results(
+        "bilevel_mixture", "tiny_bilevel:mixture_config", tmp_path / "mixture.json"
     )
-    if "error" in payload:
-        pytest.fail(payload["error"], pytrace=False)
-    assert payload["devices"] == 8
-    assert payload["sharded"]["mesh"]["devices"] == 8
-    assert payload["single"]["mesh"]["devices"] == 1
-    sharded, single = (study_checks.metrics(payload[key]) for key in ("sharded", "single"))
     curves = [curves_of(result) for result in (sharded, single)]
     # Sharding a minibatch over 8 devices only changes the order in which its per-example
     # losses and gradients are summed: float32 reassociation. Over these twelve steps the

@@ -7,11 +7,8 @@ from pathlib import Path
 import pytest
 import study_checks
 import tiny_overhead_perturbed as tiny
-from conformance import run_on_eight_devices
 
 from benchmarks import overhead, perturbed_sgd, resume
-
-HERE = Path(__file__).resolve().parent
 
 
 def stages_by_age(directory: Path) -> list[Path]:
@@ -56,18 +53,12 @@ def test_overhead_with_checkpoints_matches_a_plain_run(tmp_path):
 
 
 def test_perturbed_sgd_on_eight_devices_matches_one_device(tmp_path):
-    payload = run_on_eight_devices(
-        HERE / "_study_on_devices.py",
+    sharded, single = study_checks.eight_device_results(
+        "perturbed_sgd",
+        "tiny_overhead_perturbed:perturbed_mesh_config",
         tmp_path / "perturbed.json",
         timeout=400,
-        args=("perturbed_sgd", "tiny_overhead_perturbed:perturbed_mesh_config"),
     )
-    if "error" in payload:
-        pytest.fail(payload["error"], pytrace=False)
-    assert payload["devices"] == 8
-    assert payload["sharded"]["mesh"]["devices"] == 8
-    assert payload["single"]["mesh"]["devices"] == 1
-    sharded, single = (study_checks.metrics(payload[key]) for key in ("sharded", "single"))
     # Splitting the probe batch (statement 3) and the SGD minibatches (statement 5) over
     # 8 devices only reorders float32 sums over examples. Most figures then move by
     # about 1e-5 relative or less (300 SGD steps on a contracting convex problem). The

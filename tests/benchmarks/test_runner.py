@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import conformance as cf
 import numpy as np
 import pytest
 import study_checks
@@ -354,18 +353,9 @@ def test_sigkill_mid_training_then_same_command_resumes_bit_identically(tmp_path
 
 @pytest.mark.slow
 def test_spike_injection_on_eight_devices_matches_one(tmp_path):
-    payload = cf.run_on_eight_devices(
-        HERE / "_study_on_devices.py",
-        tmp_path / "spike.json",
-        timeout=600,
-        args=("spike_injection", "study_checks:tiny_spike_config"),
+    sharded, single = study_checks.eight_device_results(
+        "spike_injection", "study_checks:tiny_spike_config", tmp_path / "spike.json"
     )
-    if "error" in payload:
-        pytest.fail(f"8-device worker raised:\n{payload['error']}", pytrace=False)
-    assert payload["devices"] == 8
-    assert payload["sharded"]["mesh"] == {"devices": 8, "axes": {"data": 8}}
-    assert payload["single"]["mesh"] == {"devices": 1, "axes": {}}
-    sharded, single = (study_checks.metrics(payload[k]) for k in ("sharded", "single"))
     # The sharded batch mean adds 8 partial sums: float reassociation only. Counts
     # (spikes injected and caught, recovery steps, divergences) must agree exactly.
     study_checks.assert_close(sharded["summary"], single["summary"], rtol=2e-4, atol=1e-6)
