@@ -41,7 +41,7 @@ Example:
     >>> again = resume.Checkpointer(root, "demo", config)  # e.g. after a kill
     >>> state, outputs = again.loop("train", np.float32(1), config.steps, advance)
     >>> float(state), again.restored  # only the last chunk ran again
-    (8.0, ['train'])
+    (8.0, ['train/loop'])
     >>> again.finish()  # the run is complete: its checkpoints are removed
 """
 
