@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -321,6 +322,9 @@ def run_study(name: str, config: Any, checkpointer: Any, args: argparse.Namespac
         print(study.table(result))
         print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f} s\n")
     checkpointer.finish()  # only now: the result is on disk
+    if not args.checkpoint_dir:  # the default <out>/checkpoints goes too once empty
+        with contextlib.suppress(OSError):
+            (out / "checkpoints").rmdir()
     return result
 
 
