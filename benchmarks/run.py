@@ -226,9 +226,12 @@ def make_config(study: str, args: argparse.Namespace, overrides: list) -> Any:
         raise UsageError(f"--quick contradicts --config {args.config}")
     config = load_config(study, spec)
     if args.seeds is not None:
-        if "num_seeds" not in config:
+        if "num_seeds" in config:
+            overrides = [("num_seeds", str(args.seeds)), *overrides]
+        elif len(args.study_names) > 1:
+            print(f"note: {study} has no seeds; --seeds ignored for it")
+        else:
             raise UsageError(f"{study} has no seeds (no num_seeds field); drop --seeds")
-        overrides = [("num_seeds", str(args.seeds)), *overrides]
     for key, value in overrides:
         apply_override(config, key, value, study)
     return config

@@ -65,6 +65,13 @@ def test_config_file_with_an_argument(tmp_path):
     assert config.num_steps == 77 and config.num_seeds == 2
 
 
+def test_seeds_with_all_skips_studies_without_seeds(capsys):
+    args, overrides = runner.parse(["all", "--quick", "--seeds", "2"])
+    assert runner.make_config("spike_injection", args, overrides).num_seeds == 2
+    runner.make_config("overhead", args, overrides)
+    assert "overhead has no seeds" in capsys.readouterr().out
+
+
 def test_quick_flag_is_the_quick_config():
     assert parsed_config("overhead", "--quick") == parsed_config("overhead", "--config", "quick")
     assert parsed_config("overhead").size == "full"
