@@ -386,10 +386,8 @@ def place_data(data: dict, mesh, fsdp: bool = False) -> dict:
     :func:`benchmarks.parallel.place_params`; unchanged without a mesh."""
     if mesh is None:
         return data
-    setup = dict(data["setup"])
-    params = parallel.place_params(setup.pop("params"), mesh, fsdp, leading_axes=1)
     rest = {key: value for key, value in data.items() if key != "setup"}
-    setup = {**parallel.replicate(setup, mesh), "params": params}
+    setup = parallel.place_setup(data["setup"], mesh, fsdp)
     return {**parallel.replicate(rest, mesh), "setup": setup}
 
 

@@ -357,11 +357,6 @@ def oracle_mask(layer: np.ndarray, num_layers: int, lag: int) -> np.ndarray:
 INPUT_ORDER = ("windows", "layer", "channels", "alpha", "oracle")
 
 
-def data_mesh() -> jax.sharding.Mesh | None:
-    """A 1-D ``("data",)`` mesh over all devices, or None on a single device."""
-    return parallel.resolve_mesh("auto")
-
-
 def shard_inputs(chunk_inputs: list[np.ndarray], mesh) -> list[jax.Array]:
     """Puts a chunk's inputs on the devices: the batch axis of the windows (seeds,
     steps, batch, context) is sharded, the rest replicated."""
@@ -386,7 +381,7 @@ def train_method(
 ) -> dict:
     """Trains ``name`` on every seed at once; returns numpy traces and timings.
 
-    ``mesh``: ``"auto"`` (:func:`data_mesh`: data parallel over all devices when there
+    ``mesh``: ``"auto"`` (:func:`parallel.resolve_mesh`: data parallel over all devices when there
     are several), a ``("data",)`` mesh, or None (everything on the default device);
     ``fsdp``: with a mesh, split large parameters over its ``data`` axis.
     ``model``: the regime's shared :class:`ModelFns` (built here if None).

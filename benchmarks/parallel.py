@@ -48,6 +48,7 @@ __all__ = [
     "initialize_distributed",
     "param_shardings",
     "place_params",
+    "place_setup",
     "replicate",
     "resolve_mesh",
     "shard_batch",
@@ -181,3 +182,14 @@ def place_params(
     if mesh is None:
         return params
     return jax.device_put(params, param_shardings(params, mesh, fsdp, leading_axes))
+
+
+def place_setup(setup: dict, mesh: Mesh | None, fsdp: bool = False, leading_axes: int = 1) -> dict:
+    """A study's per-seed ``setup`` on ``mesh``: ``setup["params"]`` placed by
+    :func:`place_params` (the stacked seed axis never split), everything else
+    replicated. No-op without a mesh."""
+    if mesh is None:
+        return setup
+    rest = {key: value for key, value in setup.items() if key != "params"}
+    params = place_params(setup["params"], mesh, fsdp, leading_axes)
+    return {**replicate(rest, mesh), "params": params}

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -73,6 +74,7 @@ class ConfigMismatch(ValueError):
     """The checkpoint directory holds a run of another study or another config."""
 
 
+@functools.cache
 def code_version() -> str:
     """SHA-256 of the library's and the benchmarks' Python sources: results saved by
     other code must not be mixed into a run."""
@@ -96,7 +98,7 @@ def fingerprint(
     return json.loads(json.dumps(run, sort_keys=True, default=str))
 
 
-def check_writable(directory: Path) -> None:
+def check_writable(directory: Path, what: str = "checkpoint directory") -> None:
     """Creates ``directory`` and checks that files can be written in it.
 
     Raises:
@@ -108,7 +110,7 @@ def check_writable(directory: Path) -> None:
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        message = f"checkpoint directory {str(directory)!r} is not writable: {reason}"
+        message = f"{what} {str(directory)!r} is not writable: {reason}"
         raise PermissionError(message) from None
 
 

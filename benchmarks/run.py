@@ -361,9 +361,9 @@ def check_output_dir(path: str) -> None:
     from benchmarks import resume
 
     try:
-        resume.check_writable(Path(path))
+        resume.check_writable(Path(path), what="--out folder")
     except PermissionError as error:
-        raise UsageError(str(error).replace("checkpoint directory", "--out folder")) from None
+        raise UsageError(str(error)) from None
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:

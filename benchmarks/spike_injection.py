@@ -486,10 +486,7 @@ def run(
         methods.remove("clean")
         methods.insert(0, "clean")
     setup = make_setup(config, split)
-    if mesh is not None:  # seeds stay whole; each seed's large leaves may be split
-        setup = {**parallel.replicate(setup, mesh), "params": parallel.place_params(
-            setup["params"], mesh, fsdp, leading_axes=1
-        )}  # fmt: skip
+    setup = parallel.place_setup(setup, mesh, fsdp)  # seeds stay whole
     first = jax.tree.map(lambda leaf: leaf[0], setup["params"])
     units = optstab.tree.leaf_names(first)
     raw: dict[str, dict] = {}

@@ -37,7 +37,7 @@ def main(out: str) -> None:
         val = lm.val_windows(corpus.val, config.val_windows, config.context + 1)
         inputs = lowprec_lm.make_inputs(config, corpus, bursts=True)
         quant = lowprec_lm.lowprec.quant_config(**config.quant)
-        mesh = lowprec_lm.data_mesh()
+        mesh = parallel.data_mesh()
         assert mesh is not None and mesh.devices.size == 8
         for name in ("none", "gnmr_precision"):
             for label, m in (("sharded", mesh), ("single", None)):
