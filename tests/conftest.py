@@ -33,17 +33,14 @@ if str(TESTS_DIR) not in sys.path:
 
 jax.config.update("jax_enable_x64", False)
 
-# Hypothesis: `CI=true` selects a small, deterministic profile without deadlines (JIT
-# compilation makes the first example of a test slow).
-settings.register_profile(
-    "ci",
-    max_examples=10,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile("dev", max_examples=25, deadline=None)
-settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
+# Hypothesis: one profile everywhere (CI and laptops alike), so a developer's run and
+# CI's draw examples the same way. No deadline (JIT compilation makes the first example
+# slow). `make test` fixes the seed (--hypothesis-seed=0); other seeds must pass too
+# (`make test HYPOTHESIS_SEED=7`), and `HYPOTHESIS_PROFILE=thorough` draws 10x more.
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("optstab", max_examples=10, **_COMMON)
+settings.register_profile("thorough", max_examples=100, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "optstab"))
 
 SHARDED_WORKER = TESTS_DIR / "_sharded_worker.py"
 SHARDED_DEVICES = 8
