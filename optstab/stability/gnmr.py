@@ -37,15 +37,20 @@ every formula and default below is ours):
 * Budget: at most ``max_recover`` units are in recovery at once, units still locked
   included. New candidates are taken in score order (``lax.top_k`` over the fixed
   score vector); the others are counted as denied.
-* Lock: a unit that enters recovery at update ``t`` stays in recovery for updates
-  ``t .. t + lock_steps`` (a countdown in the state) and is published in the
-  recovery mask for the ``lock_steps`` forward passes after ``t``.
-* Release: a unit still at risk on the update that releases it (its last locked
-  update; with ``lock_steps=0``, the next update at risk) has outlasted the lock,
-  so its risk is a new level rather than a short-lived event. Its statistics are
-  re-baselined at the current norm (counted in ``rebaselines``); without this a
-  skipped unit, whose gradient cannot change while it is frozen, would re-enter
-  recovery at every release and never train again.
+* Lock: a lock covers ``lock_steps + 1`` updates. A unit that enters recovery at
+  update ``t`` stays in recovery for updates ``t .. t + lock_steps`` (a countdown in
+  the state) and is published in the recovery mask for the ``lock_steps`` forward
+  passes after ``t``; so ``lock_steps >= 1``, or a unit would enter recovery without
+  ever being published.
+* Release: a unit released (on its last locked update) while its risk has lasted
+  ``max(lock_steps + 1, 11)`` consecutive updates or more has a new level, not a
+  spike. Its statistics are re-baselined at the current norm (counted in
+  ``rebaselines``); without this a skipped unit, whose gradient cannot change while
+  it is frozen, would re-enter recovery at every release and never train again. The
+  11 updates are the default lock's, so a short lock shortens the action but not
+  what counts as a spike: a risk shorter than 11 updates never moves the baseline
+  (with ``lock_steps=1`` a lasting shift is re-entered until it has lasted 11
+  updates, then accepted).
 * Actions while in recovery (any combination):
 
   - ``"precision"``: the unit is published by :func:`recovery_mask`, for the model
@@ -68,8 +73,9 @@ every formula and default below is ours):
   frozen). A non-finite unit denied by the budget is still zeroed.
 
 Known limitation of this reconstruction: a *persistent* jump of a unit's gradient
-norm costs one lock interval of recovery before it is accepted as the new level (a
-unit denied by the budget meanwhile learns it only through the capped updates).
+norm costs about ``max(lock_steps + 1, 11)`` updates of recovery before it is accepted
+as the new level (a unit denied by the budget meanwhile learns it only through the
+capped updates).
 """
 
 from __future__ import annotations
@@ -91,6 +97,9 @@ ArrayLike = jax.typing.ArrayLike
 
 ACTIONS = ("precision", "clip", "skip", "reset")
 _AGE_CAP = 2**30  # reset_age saturates here: "never reset" and "long ago" look alike
+# A risk that lasts this many consecutive updates (or the whole lock, if longer) is a
+# new level: lock_steps + 1 for the default lock of 10.
+_LEVEL_UPDATES = 11
 MEAN_MODES = ("ema", "cumulative")
 
 
@@ -112,6 +121,7 @@ class GNMRState(NamedTuple):
     gnmr: jax.Array  # (U,) float32: GNMR of the last update (inf when non-finite)
     delta_gnmr: jax.Array  # (U,) float32: Delta-GNMR of the last update
     lock: jax.Array  # (U,) int32: recovery countdown; > 0 means published in the mask
+    risk_steps: jax.Array  # (U,) int32: consecutive updates at risk, up to the last one
     recovering: jax.Array  # (U,) bool: units acted on in the last update
     triggers: jax.Array  # int32 scalar: units that entered recovery, cumulative
     denied: jax.Array  # int32 scalar: at-risk units refused by the budget, cumulative
@@ -160,7 +170,12 @@ def _validate(hyper: _Hyper) -> None:
         allowed = "> 0 (or None to disable Delta-GNMR)"
         check_range("delta_threshold", hyper.delta_threshold, lambda x: x > 0, allowed)
     check_count("max_recover", hyper.max_recover)
-    check_count("lock_steps", hyper.lock_steps)
+    check_range(
+        "lock_steps",
+        hyper.lock_steps,
+        lambda x: x >= 1 and float(x).is_integer(),
+        "an integer >= 1 (a unit is published in recovery_mask for lock_steps forward passes)",
+    )
     check_count("warmup_steps", hyper.warmup_steps)
     check_range("decay", hyper.decay, lambda x: 0 < x < 1, "in (0, 1)")
     check_range("short_decay", hyper.short_decay, lambda x: 0 <= x < 1, "in [0, 1)")
@@ -231,6 +246,7 @@ def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRSt
         gnmr=per_unit(jnp.float32, 1),
         delta_gnmr=per_unit(jnp.float32, 1),
         lock=per_unit(jnp.int32),
+        risk_steps=per_unit(jnp.int32),
         recovering=per_unit(bool),
         triggers=counter(),
         denied=counter(),
@@ -351,9 +367,13 @@ def _control(
     # that the budget denied raises the baseline by a bounded factor, not by the spike.
     capped = jnp.where(past_warmup & has_mean, jnp.minimum(norm, bar), norm)
     new_mean, mean_count, short, short_count = _fold_in(state, capped, observe, hyper, mean_mode)
-    # A risk that outlasts the lock is a new level, not a spike: re-baseline the unit
-    # when it is released so that it does not re-enter recovery for ever.
-    rebaseline = state.recovering & (lock == 0) & at_risk & finite
+    # A risk that outlasts the lock and _LEVEL_UPDATES is a new level, not a spike:
+    # re-baseline the unit when it is released so that it does not re-enter recovery
+    # for ever.
+    risk_steps = jnp.where(at_risk, jnp.minimum(state.risk_steps + 1, _AGE_CAP), 0)
+    level_steps = jnp.maximum(hyper.lock_steps + 1, _LEVEL_UPDATES)
+    released = recovering & (lock == 0)
+    rebaseline = released & at_risk & finite & (risk_steps >= level_steps)
     new_mean = jnp.where(rebaseline, norm, new_mean)
     short = jnp.where(
         rebaseline.reshape((-1,) + (1,) * (short.ndim - 1)),
@@ -372,6 +392,7 @@ def _control(
         gnmr=gnmr_ratio,
         delta_gnmr=delta_ratio,
         lock=lock,
+        risk_steps=risk_steps,
         recovering=recovering,
         triggers=state.triggers + count_of(entered),
         denied=state.denied + count_of(candidate & ~entered),
@@ -419,14 +440,18 @@ def gnmr(
     For each unit ``u`` with gradient ``g_u``: ``GNMR_u = ||g_u|| / (m_u + eps)``
     against the long-run mean ``m_u``, ``Delta-GNMR_u = ||g_u|| / (s_u + eps)`` against
     the short-window mean ``s_u``. Units over a threshold enter recovery, at most
-    ``max_recover`` at a time, for ``lock_steps`` steps; see the module docstring for
-    the full rules and what is reconstructed.
+    ``max_recover`` at a time. A lock covers ``lock_steps + 1`` updates: the one that
+    triggered and ``lock_steps`` more, which are also the forward passes for which the
+    unit is published in :func:`recovery_mask`. See the module docstring for the full
+    rules and what is reconstructed.
 
     Args:
       threshold: GNMR bar ``tau`` (> 0); also the clip bar ``tau * m_u``.
       delta_threshold: Delta-GNMR bar (> 0), or ``None`` to use GNMR alone.
       max_recover: budget maxO, the most units in recovery at once (int >= 0).
-      lock_steps: steps a unit stays in recovery after it enters (int >= 0).
+      lock_steps: forward passes a unit stays published in :func:`recovery_mask`
+        after it enters recovery (int >= 1); the lock covers ``lock_steps + 1``
+        updates, the one that triggered and ``lock_steps`` more.
       warmup_steps: updates before any trigger except non-finite ones (int >= 0).
       action: ``"precision"``, ``"clip"``, ``"skip"``, or a tuple of them.
       units: ``None`` (one unit per leaf, named by key path) or a callable
@@ -636,7 +661,9 @@ def recovery_mask(opt_state: PyTree) -> dict[str, jax.Array]:
     """``{unit_name: bool}``: the units to run in high precision on the next forward.
 
     A unit is in the mask for the ``lock_steps`` forward passes after it entered
-    recovery. Works on vmapped states (the booleans then have the batch shape).
+    recovery (its lock covers ``lock_steps + 1`` updates: the one that triggered and
+    the ``lock_steps`` whose gradients these forward passes compute). Works on
+    vmapped states (the booleans then have the batch shape).
     :func:`optstab.lowprec.set_high_precision` applies it to a model's quantized layers.
     """
     state = find_gnmr_state(opt_state)
