@@ -53,3 +53,11 @@ def test_bad_labels_raise_value_error():
     partition = ot.make_partition(PARAMS)
     with pytest.raises(ValueError, match="structure"):
         ot.unit_norms(partition, {"s": jnp.ones(2)})
+
+
+def test_a_pytree_without_leaves_has_no_units():
+    # optax.tree.map_params initialises every transform on such a placeholder.
+    for empty in ({}, (), {"a": {}}):
+        partition = ot.make_partition(empty)
+        assert partition.names == () and partition.num_units == 0
+        assert ot.unit_norms(partition, empty).shape == (0,)

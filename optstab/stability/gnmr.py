@@ -103,9 +103,24 @@ _LEVEL_UPDATES = 11
 MEAN_MODES = ("ema", "cumulative")
 
 
-@jax.tree_util.register_static
-class UnitNames(tuple):
-    """The unit names of a GNMR state: static pytree data with no array leaves."""
+jax.tree_util.register_static(ot.UnitLayout)  # static pytree data: no array leaves
+
+
+class _AnyParams:
+    """``units`` of the *template* state that ``init`` gives for a pytree without leaves.
+
+    ``optax.tree.map_params`` finds the params inside a state by calling ``init`` on a
+    placeholder pytree without leaves and matching the result against the real state.
+    A template's per-unit vectors are empty and its ``units`` is this plain leaf, so
+    that its structure is a prefix of every real state's, whatever the units. A
+    template cannot be updated and has no units to report.
+    """
+
+    def __repr__(self) -> str:
+        return "<units of any params>"
+
+
+_ANY_PARAMS = _AnyParams()
 
 
 class GNMRState(NamedTuple):
@@ -128,7 +143,7 @@ class GNMRState(NamedTuple):
     recovered_steps: jax.Array  # int32 scalar: unit-steps spent in recovery, cumulative
     nonfinite: jax.Array  # int32 scalar: non-finite unit gradients seen, cumulative
     rebaselines: jax.Array  # int32 scalar: units still at risk when released, cumulative
-    units: UnitNames  # static unit names, index i of every (U,) vector
+    units: ot.UnitLayout  # static: unit names (index i of every (U,) vector), leaf shapes
 
 
 class GNMRWrapState(NamedTuple):
@@ -230,9 +245,14 @@ def _as_arrays(hyper: _Hyper) -> _Hyper:
 # ----------------------------------------------------------------------------- statistics
 
 
-def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRState:
+def _init_state(params: PyTree, units: ot.UnitsSpec, short_window: int | None) -> GNMRState:
+    """The state for ``params``; a template (see :class:`_AnyParams`) without leaves."""
+    if jax.tree.leaves(params):
+        layout = ot.make_partition(params, units).layout
+    else:
+        layout = _ANY_PARAMS
     # Every field gets its own buffer, so that the state can be donated to a jitted step.
-    num = partition.num_units
+    num = 0 if layout is _ANY_PARAMS else len(layout.names)
     per_unit = lambda dtype, fill=0: jnp.full((num,), fill, dtype)
     counter = lambda: jnp.zeros((), jnp.int32)
     short_shape = (num,) if short_window is None else (num, short_window)
@@ -253,7 +273,7 @@ def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRSt
         recovered_steps=counter(),
         nonfinite=counter(),
         rebaselines=counter(),
-        units=UnitNames(partition.names),
+        units=layout,
     )
 
 
@@ -325,6 +345,18 @@ def _select_within_budget(
     return candidate & (rank < free_slots)
 
 
+def _check_layout(state: GNMRState, partition: ot.UnitPartition) -> None:
+    """Raises at trace time unless the updates have the leaves and units of the state."""
+    if state.units is _ANY_PARAMS:
+        raise ValueError(
+            "this GNMR state was initialised from a pytree without leaves (a template for "
+            "optax.tree.map_params); initialise it from the params to train"
+        )
+    mismatch = state.units.mismatch(partition.layout)
+    if mismatch is not None:
+        raise ValueError(f"the updates do not match the GNMR state: {mismatch}")
+
+
 def _control(
     partition: ot.UnitPartition,
     updates: PyTree,
@@ -333,10 +365,7 @@ def _control(
     mean_mode: str,
 ) -> tuple[_Decision, GNMRState]:
     """Measures the units, applies the budget and lock, and advances the statistics."""
-    if tuple(state.units) != partition.names:
-        raise ValueError(
-            f"the updates' units {partition.names} differ from the state's {tuple(state.units)}"
-        )
+    _check_layout(state, partition)
     norm = ot.unit_norms(partition, updates)
     finite = jnp.isfinite(norm)
     has_mean = state.mean_count > 0
@@ -497,7 +526,7 @@ def gnmr(
     actions = _configure(hyper, action, mean_mode, short_window, allow_inner=False)
 
     def init_fn(params: PyTree) -> GNMRState:
-        return _init_state(ot.make_partition(params, units), short_window)
+        return _init_state(params, units, short_window)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -575,7 +604,7 @@ def gnmr_wrap(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> GNMRWrapState:
-        control = _init_state(ot.make_partition(params, units), short_window)
+        control = _init_state(params, units, short_window)
         never_reset = jnp.full(control.lock.shape, _AGE_CAP, jnp.int32)
         return GNMRWrapState(gnmr=control, inner=inner.init(params), reset_age=never_reset)
 
@@ -649,12 +678,18 @@ def find_gnmr_state(opt_state: PyTree) -> GNMRState:
 
 def _unwrap_variables(state: GNMRState) -> GNMRState:
     """Takes the arrays out of wrappers such as ``flax.nnx.Optimizer``'s ``OptArray``."""
-    unwrap = lambda x: x.get_value() if hasattr(x, "get_value") else x
-    return GNMRState(*(unwrap(getattr(state, f)) for f in GNMRState._fields[:-1]), state.units)
+    if state.units is _ANY_PARAMS:
+        raise ValueError(
+            "this GNMR state was initialised from a pytree without leaves (a template for "
+            "optax.tree.map_params): it has no units"
+        )
+    is_wrapper = lambda x: hasattr(x, "get_value")
+    unwrap = lambda x: x.get_value() if is_wrapper(x) else x
+    return jax.tree.map(unwrap, state, is_leaf=is_wrapper)
 
 
 def _per_unit(state: GNMRState, values: jax.Array) -> dict[str, jax.Array]:
-    return {name: values[..., i] for i, name in enumerate(state.units)}
+    return {name: values[..., i] for i, name in enumerate(state.units.names)}
 
 
 def recovery_mask(opt_state: PyTree) -> dict[str, jax.Array]:

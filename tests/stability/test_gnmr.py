@@ -334,7 +334,7 @@ def _storm_step():
 def test_state_fields_have_declared_dtypes():
     state = optstab.gnmr().init(PARAMS)
     assert isinstance(state, GNMRState)
-    assert state.units == NAMES
+    assert state.units.names == NAMES
     assert state.count.dtype == jnp.int32 and state.lock.dtype == jnp.int32
     assert state.recovering.dtype == jnp.bool_
     assert jax.tree.leaves(state.units) == []  # names are static, not checkpointed arrays
@@ -443,3 +443,45 @@ def test_delta_gnmr_ignores_a_rise_back_to_the_normal_level():
     _, states = run(optstab.gnmr(warmup_steps=5), [grads_with(scale_b=x) for x in norms])
     assert float(states[-1].delta_gnmr[1]) > 2.0 and float(states[-1].gnmr[1]) <= 1.0
     assert int(states[-1].triggers) == 0
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda adam: optax.chain(optstab.gnmr(units=optstab.units.by_depth(1)), adam),
+        lambda adam: optstab.gnmr_wrap(adam, action=("skip", "reset")),
+        lambda adam: optax.inject_hyperparams(optstab.gnmr_wrap, static_args="inner")(adam),
+        lambda adam: optax.chain(optstab.adagc(), adam),  # same tree.py cause as GNMR
+    ],
+    ids=["gnmr", "gnmr_wrap", "injected_gnmr_wrap", "adagc"],
+)
+def test_map_params_maps_only_the_params_like_leaves(make_tx):
+    adam = optax.adam(0.1)
+    tx = make_tx(adam)
+    state = tx.init(PARAMS)
+    specs = {"a": "spec_a", "b": "spec_b", "c": "spec_c"}
+    mapped = optax.tree.map_params(
+        tx, lambda _, spec: spec, state, specs, transform_non_params=lambda _: None
+    )
+    # The params-like leaves are Adam's moments, found independently by mapping
+    # Adam's own state; everything of GNMR and AdaGC maps to None.
+    expected_adam = optax.tree.map_params(
+        adam, lambda _, spec: spec, adam.init(PARAMS), specs, transform_non_params=lambda _: None
+    )
+    leaves = lambda tree: [x for x in jax.tree.leaves(tree) if x is not None]
+    assert sorted(leaves(mapped)) == sorted(leaves(expected_adam))
+    # The identity map keeps a working state: the same next update as the original.
+    same = optax.tree.map_params(tx, lambda v: v, state)
+    grads = grads_with(scale_a=2.0)
+    want, _ = tx.update(grads, state, PARAMS)
+    got, _ = tx.update(grads, same, PARAMS)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_jit_cache_never_hands_back_another_states_unit_names():
+    mask_of_state = jax.jit(optstab.recovery_mask)
+    tx = optstab.gnmr()
+    ab = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
+    xy = tx.init({"x": jnp.ones(2), "y": jnp.ones(2)})  # same shapes, other names
+    assert set(mask_of_state(ab)) == {"a", "b"}
+    assert set(mask_of_state(xy)) == {"x", "y"}
