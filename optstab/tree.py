@@ -211,15 +211,23 @@ def _check_structure(partition: UnitPartition, tree: PyTree) -> list[Any]:
     return leaves
 
 
+def _abs_squared(leaf: jax.Array) -> jax.Array:
+    """Elementwise ``|x|^2`` in float32; for complex ``x``, ``re(x)^2 + im(x)^2``."""
+    x = jnp.asarray(leaf)
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real.astype(jnp.float32)) + jnp.square(x.imag.astype(jnp.float32))
+    return jnp.square(x.astype(jnp.float32))
+
+
 def _leaf_sum_squares(leaf: jax.Array, unit: int | tuple[int, ...]) -> jax.Array:
-    x = jnp.asarray(leaf).astype(jnp.float32)
+    squares = _abs_squared(leaf)
     if isinstance(unit, int):
-        return jnp.sum(jnp.square(x))
-    return jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+        return jnp.sum(squares)
+    return jnp.sum(squares.reshape(squares.shape[0], -1), axis=1)
 
 
 def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
-    """Per-unit sum of squares of ``tree``, float32 of shape ``(num_units,)``."""
+    """Per-unit sum of ``|x|^2`` over ``tree``, float32 of shape ``(num_units,)``."""
     leaves = _check_structure(partition, tree)
     total = jnp.zeros((partition.num_units,), jnp.float32)
     for leaf, unit in zip(leaves, partition.leaf_units, strict=True):
@@ -229,12 +237,18 @@ def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
 
 
 def global_norm(tree: PyTree) -> jax.Array:
-    """L2 norm of a whole pytree, computed in float32 (0 for a tree without leaves)."""
-    return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
+    """L2 norm of a whole pytree in float32, ``|z|`` for complex elements (0 without leaves)."""
+    single = lambda x: jnp.asarray(x).astype(
+        jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32
+    )  # optax.tree.norm sums re^2 + im^2 of complex leaves
+    return optax.tree.norm(jax.tree.map(single, tree))
 
 
 def unit_norms(partition: UnitPartition, tree: PyTree) -> jax.Array:
-    """Per-unit L2 norm of ``tree`` in float32; non-finite where any element is."""
+    """Per-unit L2 norm of ``tree`` in float32; non-finite where any element is.
+
+    Complex elements count by their modulus: ``[3 + 4j]`` has norm 5.
+    """
     return jnp.sqrt(unit_sum_squares(partition, tree))
 
 
@@ -247,7 +261,8 @@ def _broadcast(values: jax.Array, unit: int | tuple[int, ...], leaf: jax.Array) 
 
 
 def scale_units(partition: UnitPartition, tree: PyTree, factors: jax.Array) -> PyTree:
-    """Multiplies every element of unit ``u`` by ``factors[u]``; keeps each leaf's dtype."""
+    """Multiplies every element of unit ``u`` by the real ``factors[u]``; keeps each leaf's
+    dtype (a complex leaf is scaled in modulus, its phase kept)."""
     leaves = _check_structure(partition, tree)
     scaled = [
         leaf * _broadcast(factors, unit, leaf).astype(leaf.dtype)

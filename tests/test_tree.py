@@ -61,3 +61,17 @@ def test_a_pytree_without_leaves_has_no_units():
         partition = ot.make_partition(empty)
         assert partition.names == () and partition.num_units == 0
         assert ot.unit_norms(partition, empty).shape == (0,)
+
+
+def test_complex_leaves_count_by_modulus():
+    tree = {"z": jnp.array([[3 + 4j, 0], [1 - 2j, 2j]], jnp.complex64), "r": jnp.ones(2)}
+    partition = ot.make_partition(tree, lambda _: {"z": ["z/0", "z/1"], "r": "r"})
+    norms = ot.unit_norms(partition, tree)
+    assert norms.dtype == jnp.float32
+    # |3+4j| = 5; sqrt(|1-2j|^2 + |2j|^2) = 3; sqrt(2). Squares and sums of small
+    # integers are exact in float32, and sqrt is correctly rounded: rtol 2**-24.
+    np.testing.assert_allclose(norms, [np.sqrt(2.0), 5.0, 3.0], rtol=6e-8)
+    np.testing.assert_allclose(ot.global_norm(tree), np.sqrt(2.0 + 25.0 + 9.0), rtol=6e-8)
+    scaled = ot.scale_units(partition, tree, jnp.array([1.0, 0.5, 2.0]))
+    assert scaled["z"].dtype == jnp.complex64
+    np.testing.assert_array_equal(scaled["z"], [[1.5 + 2j, 0], [2 - 4j, 4j]])

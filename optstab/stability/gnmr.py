@@ -11,7 +11,8 @@ local risk signals are mapped to bounded recovery actions under a hard budget
 What is reconstructed here (the paper's full text and code are not available to us;
 every formula and default below is ours):
 
-* ``n_u = ||g_u||`` in float32 over all elements of unit ``u``.
+* ``n_u = ||g_u||`` in float32 over all elements of unit ``u`` (complex elements by
+  their modulus; clipping rescales them and keeps their phase).
 * Long-run mean ``m_u``: bias-corrected EMA with decay ``decay`` (0.99), or the
   cumulative mean (``mean_mode="cumulative"``). It is fed only finite norms from
   steps where the unit is not in recovery, and after warm-up each norm is capped at

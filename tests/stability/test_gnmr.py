@@ -485,3 +485,29 @@ def test_a_jit_cache_never_hands_back_another_states_unit_names():
     xy = tx.init({"x": jnp.ones(2), "y": jnp.ones(2)})  # same shapes, other names
     assert set(mask_of_state(ab)) == {"a", "b"}
     assert set(mask_of_state(xy)) == {"x", "y"}
+
+
+def test_complex_units_are_measured_by_modulus_and_clipped_in_phase():
+    params = {"r": jnp.ones(3), "z": jnp.array([1 + 2j, 2 - 1j], jnp.complex64)}
+    normal = {"r": jnp.ones(3), "z": params["z"]}
+    # Only the imaginary part spikes: a norm of the real parts alone would not move.
+    spike = {"r": jnp.ones(3), "z": jnp.array([1 + 200j, 2 - 1j], jnp.complex64)}
+    grads = [normal] * 4 + [spike]
+    updates, states = run(optstab.gnmr(warmup_steps=3, action="clip"), grads, params)
+    # Hand computation in float64: ||z|| = sqrt(1 + 4 + 4 + 1) before the spike.
+    z = np.asarray(spike["z"], np.complex128)
+    mean = np.sqrt(10.0)
+    norm = np.sqrt(np.sum(np.abs(z) ** 2))
+    assert states[-1].mean.dtype == jnp.float32
+    # About 5 float32 roundings (squares, sums, sqrt, bar, ratio): rtol 8 * 2**-23 = 1e-6.
+    np.testing.assert_allclose(states[-2].mean[1], mean, rtol=1e-6)
+    np.testing.assert_allclose(states[-1].gnmr[1], norm / mean, rtol=1e-6)
+    assert updates[-1]["z"].dtype == jnp.complex64
+    np.testing.assert_allclose(updates[-1]["z"], z * (3.0 * mean / norm), rtol=1e-6)
+    np.testing.assert_array_equal(updates[-1]["r"], np.ones(3))
+    # skip: the unit's update is exactly zero and Adam's complex moments stay frozen.
+    tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=3, action="skip")
+    updates, states = run(tx, grads, params)
+    assert np.all(np.asarray(updates[-1]["z"]) == 0) and np.all(np.asarray(updates[-1]["r"]) != 0)
+    np.testing.assert_array_equal(states[-1].inner[0].mu["z"], states[-2].inner[0].mu["z"])
+    np.testing.assert_array_equal(states[-1].inner[0].nu["z"], states[-2].inner[0].nu["z"])
