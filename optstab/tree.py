@@ -260,6 +260,15 @@ def _broadcast(values: jax.Array, unit: int | tuple[int, ...], leaf: jax.Array) 
     return per_row.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
 
 
+def leaf_values(partition: UnitPartition, values: jax.Array) -> list[jax.Array]:
+    """The per-unit ``values`` seen by each leaf (flattening order), shaped to broadcast
+    against a leaf of the partition's shape."""
+    return [
+        _broadcast(values, unit, np.empty(shape, np.bool_))
+        for unit, shape in zip(partition.leaf_units, partition.leaf_shapes, strict=True)
+    ]
+
+
 def scale_units(partition: UnitPartition, tree: PyTree, factors: jax.Array) -> PyTree:
     """Multiplies every element of unit ``u`` by the real ``factors[u]``; keeps each leaf's
     dtype (a complex leaf is scaled in modulus, its phase kept)."""

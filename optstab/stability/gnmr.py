@@ -561,9 +561,10 @@ def gnmr_wrap(
     Same controller as :func:`gnmr`. In addition:
 
     * ``"skip"``: a recovering unit gets a zero update and the inner optimizer's
-      per-parameter state for it (every subtree of the inner state shaped like the
-      params, e.g. Adam's ``mu`` and ``nu``) stays exactly as it was. Scalars shared
-      by all units (Adam's step count) still advance.
+      per-parameter state for it stays exactly as it was. The per-parameter state is
+      what ``optax.tree.map_params`` maps (Adam's ``mu`` and ``nu``); what is shared
+      by all units (Adam's step count, a noise key, injected hyperparameters) still
+      advances, whatever the shape of the params.
     * ``"reset"``: those per-parameter statistics are zeroed for a unit at the update
       where it enters recovery, and its updates are then scaled by SPAM's half-cosine
       ramp from 0.01 to 1 over ``reset_warmup_steps`` updates.
@@ -613,14 +614,17 @@ def gnmr_wrap(
         partition = ot.make_partition(updates, units)
         decision, control = _control(partition, updates, state.gnmr, _as_arrays(hyper), mean_mode)
         grads, frozen = _act_on_gradient(partition, updates, decision, actions)
+        per_parameter = _per_parameter_map(inner, partition)
         inner_state, reset_age = state.inner, state.reset_age
         if "reset" in actions:
-            inner_state = _map_param_like(
-                partition, inner_state, lambda s: ot.zero_units(partition, s, decision.entered)
-            )
+            zero = lambda s: _select_leaves(partition, decision.entered, _zeros(s), s)
+            inner_state = per_parameter(zero, inner_state)
             reset_age = jnp.where(decision.entered, 0, jnp.minimum(reset_age + 1, _AGE_CAP))
         new_updates, new_inner = inner.update(grads, inner_state, params, **extra_args)
-        new_inner = _freeze_param_like(partition, frozen, inner_state, new_inner)
+        # The frozen units' per-parameter statistics stay as they were.
+        new_inner = per_parameter(
+            lambda new, old: _select_leaves(partition, frozen, old, new), new_inner, inner_state
+        )
         if "reset" in actions:
             ramp = reset_ramp(reset_age, reset_warmup_steps)
             new_updates = ot.scale_units(partition, new_updates, ramp)
@@ -633,33 +637,110 @@ def gnmr_wrap(
 # ----------------------------------------------------------------------------- inner state
 
 
-def _is_param_like(partition: ot.UnitPartition, node: Any) -> bool:
-    """A subtree with the params' structure and leaf shapes (e.g. Adam's ``mu``)."""
-    leaves, treedef = jax.tree.flatten(node)
-    if treedef != partition.treedef:
-        return False
-    return all(hasattr(leaf, "shape") for leaf in leaves)
+@jax.tree_util.register_pytree_node_class
+class _ParamsSlot:
+    """Stands for the params in ``inner.init(_ParamsSlot())``: a pytree without leaves.
+
+    Every per-parameter subtree of the inner state (Adam's ``mu`` and ``nu``) then
+    becomes one slot, and the other fields (step counts, keys, hyperparameters) keep
+    their leaves: the rule by which ``optax.tree.map_params`` finds the params.
+    """
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux, children
+        return cls()
 
 
-def _map_param_like(partition: ot.UnitPartition, inner_state: PyTree, fn) -> PyTree:
-    is_param_like = lambda node: _is_param_like(partition, node)
-    return jax.tree.map(
-        lambda node: fn(node) if is_param_like(node) else node, inner_state, is_leaf=is_param_like
-    )
+def _is_slot(node: Any) -> bool:
+    return isinstance(node, _ParamsSlot)
 
 
-def _freeze_param_like(
-    partition: ot.UnitPartition, frozen: jax.Array, old: PyTree, new: PyTree
+def _per_parameter_map(inner: optax.GradientTransformation, partition: ot.UnitPartition):
+    """``map(fn, state, *others)``: applies ``fn`` to the per-parameter subtrees of an
+    inner state (and the matching subtrees of ``others``), keeping the rest.
+
+    The subtrees are found as ``optax.tree.map_params`` finds them, from
+    ``inner.init`` on a placeholder without leaves. An inner optimizer whose ``init``
+    cannot take that placeholder falls back to a structural test: a subtree with the
+    updates' structure whose leaves have the updates' shapes and a float or complex
+    dtype (then, with params that are one scalar, a float scalar of the inner state,
+    such as an injected learning rate, also counts as per-parameter).
+    """
+    try:
+        template = inner.init(_ParamsSlot())
+    except Exception:  # noqa: BLE001 - any failure means: use the structural test
+        template = None
+
+    def by_template(fn, state, *others):
+        def apply(slot, node, *other_nodes):
+            return fn(node, *other_nodes) if _is_slot(slot) else node
+
+        return jax.tree.map(apply, template, state, *others, is_leaf=_is_slot)
+
+    def by_structure(fn, state, *others):
+        is_per_parameter = lambda node: _has_params_layout(partition, node)
+
+        def apply(node, *other_nodes):
+            return fn(node, *other_nodes) if is_per_parameter(node) else node
+
+        return jax.tree.map(apply, state, *others, is_leaf=is_per_parameter)
+
+    def per_parameter_map(fn, state, *others):
+        if template is not None:
+            try:
+                jax.tree.structure(template, is_leaf=_is_slot).flatten_up_to(state)
+            except (ValueError, TypeError):
+                pass  # not a prefix of the state: fall back
+            else:
+                return by_template(fn, state, *others)
+        return by_structure(fn, state, *others)
+
+    return per_parameter_map
+
+
+def _select_leaves(
+    partition: ot.UnitPartition, mask: jax.Array, on_true: PyTree, on_false: PyTree
 ) -> PyTree:
-    """``new`` with the frozen units' per-parameter statistics taken from ``old``."""
-    is_param_like = lambda node: _is_param_like(partition, node)
+    """:func:`optstab.tree.select_units` for a per-parameter subtree of an inner state,
+    where a leaf masked out by the inner optimizer (``optax.masked``'s ``MaskedNode``,
+    a node without leaves) stays as it is."""
+    true_items = partition.treedef.flatten_up_to(on_true)
+    false_items = partition.treedef.flatten_up_to(on_false)
+    chosen = [
+        jnp.where(m, t, f) if jax.tree.leaves(f) else f
+        for m, t, f in zip(ot.leaf_values(partition, mask), true_items, false_items, strict=True)
+    ]
+    return partition.treedef.unflatten(chosen)
 
-    def keep_frozen(new_node, old_node):
-        if is_param_like(new_node):
-            return ot.select_units(partition, frozen, old_node, new_node)
-        return new_node
 
-    return jax.tree.map(keep_frozen, new, old, is_leaf=is_param_like)
+def _zeros(tree: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _has_params_layout(partition: ot.UnitPartition, node: Any) -> bool:
+    """The structural test: the updates' structure, with float or complex arrays of the
+    updates' shapes at its leaves, or subtrees without leaves (``MaskedNode``)."""
+    if jax.tree.structure(node).num_leaves == 0:
+        return False
+    try:
+        items = partition.treedef.flatten_up_to(node)
+    except (ValueError, TypeError):
+        return False
+
+    def fits(item, shape) -> bool:
+        if not jax.tree.leaves(item):
+            return True  # masked out by the inner optimizer
+        return (
+            hasattr(item, "shape")
+            and tuple(item.shape) == shape
+            and jnp.issubdtype(item.dtype, jnp.inexact)
+        )
+
+    return all(fits(item, shape) for item, shape in zip(items, partition.leaf_shapes, strict=True))
 
 
 # ----------------------------------------------------------------------------- telemetry

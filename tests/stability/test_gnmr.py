@@ -511,3 +511,83 @@ def test_complex_units_are_measured_by_modulus_and_clipped_in_phase():
     assert np.all(np.asarray(updates[-1]["z"]) == 0) and np.all(np.asarray(updates[-1]["r"]) != 0)
     np.testing.assert_array_equal(states[-1].inner[0].mu["z"], states[-2].inner[0].mu["z"])
     np.testing.assert_array_equal(states[-1].inner[0].nu["z"], states[-2].inner[0].nu["z"])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        jnp.ones(3),  # a single array: its structure is that of every leaf
+        {"a": jnp.ones(3), "b": jnp.ones(2)},
+        {"a": jnp.float32(1.0), "b": jnp.float32(2.0)},  # all leaves scalars
+        jnp.float32(1.0),  # one scalar: shaped like Adam's count, but not a float count
+    ],
+    ids=["single_array", "dict", "scalar_leaves", "single_scalar"],
+)
+def test_wrap_acts_only_on_the_inner_per_parameter_state(params):
+    num_units = len(jax.tree.leaves(params))
+    tx = optstab.gnmr_wrap(
+        optax.adam(0.1), warmup_steps=2, max_recover=num_units, action=("skip", "reset")
+    )
+    grads = [jax.tree.map(jnp.ones_like, params)] * 3
+    grads += [jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)]
+    updates, states = run(tx, grads, params)
+    adam = states[-1].inner[0]
+    assert int(states[-1].gnmr.triggers) == num_units  # every unit entered recovery
+    assert int(adam.count) == 4  # shared: advances through skip and reset
+    for leaf in jax.tree.leaves((adam.mu, adam.nu, updates[-1])):
+        assert np.all(np.asarray(leaf) == 0)  # reset on entry, then frozen; skipped
+    assert np.all(np.asarray(jax.tree.leaves(states[-2].inner[0].mu)[0]) != 0)
+
+
+def test_wrap_keeps_the_inner_key_and_falls_back_on_shapes():
+    params = jnp.ones(3)
+    grads = [jnp.ones(3)] * 3 + [100.0 * jnp.ones(3)]
+    # noisy_sgd's key is shared by all units: reset must not touch it. Expected: the
+    # key after four updates of noisy_sgd alone.
+    noisy = optax.noisy_sgd(0.1, key=0)
+    alone = noisy.init(params)
+    for g in grads:
+        _, alone = noisy.update(g, alone, params)
+    tx = optstab.gnmr_wrap(noisy, warmup_steps=2, action=("clip", "reset"))
+    _, states = run(tx, grads, params)
+    assert int(states[-1].gnmr.triggers) == 1
+    np.testing.assert_array_equal(
+        jax.random.key_data(states[-1].inner[0].rng_key), jax.random.key_data(alone[0].rng_key)
+    )
+
+    # An inner optimizer whose init rejects the placeholder of optax.tree.map_params:
+    # per-parameter subtrees are then recognised by structure, shapes and dtype.
+    def init(p):
+        if not jax.tree.leaves(p):
+            raise ValueError("no params")
+        return optax.adam(0.1).init(p)
+
+    picky = optax.GradientTransformation(init, optax.adam(0.1).update)
+    tx = optstab.gnmr_wrap(picky, warmup_steps=2, action="skip")
+    _, states = run(tx, grads, params)
+    assert int(states[-1].inner[0].count) == 4
+    np.testing.assert_array_equal(states[-1].inner[0].mu, states[-2].inner[0].mu)
+
+
+@pytest.mark.parametrize("labels_kind", ["callable", "pytree"])
+def test_wrap_freezes_masked_inner_states(labels_kind):
+    # optax.multi_transform keeps, per group, moments whose other leaves are MaskedNode.
+    # Fixed labels make its init reject map_params' placeholder (structural fallback).
+    labels = {"a": "adam", "b": "momentum", "c": "momentum"}
+    if labels_kind == "callable":
+        group = lambda path, _: "adam" if path[0].key == "a" else "momentum"
+        labels = lambda p: jax.tree_util.tree_map_with_path(group, p)
+    inner = optax.multi_transform(
+        {"adam": optax.adam(0.1), "momentum": optax.sgd(0.1, momentum=0.9)}, labels
+    )
+    tx = optstab.gnmr_wrap(inner, warmup_steps=2, max_recover=2, action="skip")
+    grads = [grads_with()] * 3 + [grads_with(scale_a=100.0, scale_b=100.0)]
+    updates, states = run(tx, grads)
+    before, after = states[-2].inner.inner_states, states[-1].inner.inner_states
+    np.testing.assert_array_equal(
+        after["adam"].inner_state[0].mu["a"], before["adam"].inner_state[0].mu["a"]
+    )
+    trace = lambda s: s["momentum"].inner_state[0].trace
+    np.testing.assert_array_equal(trace(after)["b"], trace(before)["b"])
+    np.testing.assert_array_equal(trace(after)["c"], 0.9 * trace(before)["c"] + 1.0)
+    assert np.all(np.asarray(updates[-1]["a"]) == 0) and np.all(np.asarray(updates[-1]["b"]) == 0)
