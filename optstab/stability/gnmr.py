@@ -355,7 +355,9 @@ def _check_layout(state: GNMRState, partition: ot.UnitPartition) -> None:
         )
     mismatch = state.units.mismatch(partition.layout)
     if mismatch is not None:
-        raise ValueError(f"the updates do not match the GNMR state: {mismatch}")
+        raise ValueError(
+            f"the updates do not match the GNMR state that init built from the params: {mismatch}"
+        )
 
 
 def _control(
@@ -603,6 +605,7 @@ def gnmr_wrap(
     )
     actions = _configure(hyper, action, mean_mode, short_window, allow_inner=True)
     check_count("reset_warmup_steps", reset_warmup_steps)
+    _check_inner(inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> GNMRWrapState:
@@ -635,6 +638,14 @@ def gnmr_wrap(
 
 
 # ----------------------------------------------------------------------------- inner state
+
+
+def _check_inner(inner: Any) -> None:
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(
+            "inner must be an optax.GradientTransformation (an object with init and update), "
+            f"such as optax.adam(1e-3); got {inner!r}"
+        )
 
 
 @jax.tree_util.register_pytree_node_class

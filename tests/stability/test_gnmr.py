@@ -591,3 +591,19 @@ def test_wrap_freezes_masked_inner_states(labels_kind):
     np.testing.assert_array_equal(trace(after)["b"], trace(before)["b"])
     np.testing.assert_array_equal(trace(after)["c"], 0.9 * trace(before)["c"] + 1.0)
     assert np.all(np.asarray(updates[-1]["a"]) == 0) and np.all(np.asarray(updates[-1]["b"]) == 0)
+
+
+def test_clear_errors_for_a_bad_inner_and_mismatched_updates():
+    for bad in ("adam", optax.adam, None):
+        with pytest.raises(TypeError, match="inner"):
+            optstab.gnmr_wrap(bad)
+    wrong = [
+        ({**grads_with(), "a": jnp.ones(5)}, r"leaf 'a' has shape \(5,\), expected \(4,\)"),
+        ({"a": jnp.ones(4), "b": jnp.ones(3), "d": jnp.ones((2, 2))}, r"missing: \['c'\]"),
+        ({**grads_with(), "e": jnp.ones(1)}, r"unexpected leaves: \['e'\]"),
+    ]
+    for tx in (optstab.gnmr(), optstab.gnmr_wrap(optax.sgd(0.1))):
+        state = tx.init(PARAMS)
+        for grads, message in wrong:  # the first two were silently accepted before
+            with pytest.raises(ValueError, match=message):
+                jax.jit(tx.update)(grads, state, PARAMS)
