@@ -793,6 +793,23 @@ def recovery_mask(opt_state: PyTree) -> dict[str, jax.Array]:
     the ``lock_steps`` whose gradients these forward passes compute). Works on
     vmapped states (the booleans then have the batch shape).
     :func:`optstab.lowprec.set_high_precision` applies it to a model's quantized layers.
+
+    Example:
+      >>> import jax.numpy as jnp, optstab
+      >>> tx = optstab.gnmr(warmup_steps=2, lock_steps=2, action="precision")
+      >>> ones = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> state = tx.init(ones)
+      >>> for _ in range(3):
+      ...     _, state = tx.update(ones, state)
+      >>> _, state = tx.update({"a": 50.0 * jnp.ones(3), "b": jnp.ones(2)}, state)
+      >>> {k: bool(v) for k, v in optstab.recovery_mask(state).items()}
+      {'a': True, 'b': False}
+      >>> published = []  # for the lock_steps = 2 forward passes after the spike
+      >>> for _ in range(3):
+      ...     published.append(bool(optstab.recovery_mask(state)["a"]))
+      ...     _, state = tx.update(ones, state)
+      >>> published
+      [True, True, False]
     """
     state = find_gnmr_state(opt_state)
     return _per_unit(state, state.lock > 0)
@@ -805,7 +822,22 @@ def gnmr_metrics(opt_state: PyTree) -> dict[str, Any]:
       A dict with per-unit dicts ``gnmr``, ``delta_gnmr``, ``norm``, ``mean``,
       ``recovering`` (units acted on in the last update) and ``lock``, and the
       scalars ``num_recovering`` and the cumulative counters ``triggers``,
-      ``denied``, ``recovered_steps``, ``nonfinite`` and ``rebaselines``.
+      ``denied``, ``recovered_steps``, ``nonfinite`` and ``rebaselines``. On
+      vmapped states every value has the batch shape.
+
+    Example:
+      >>> import jax.numpy as jnp, optstab
+      >>> tx = optstab.gnmr(warmup_steps=2)
+      >>> ones = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> state = tx.init(ones)
+      >>> for _ in range(3):
+      ...     _, state = tx.update(ones, state)
+      >>> _, state = tx.update({"a": 50.0 * jnp.ones(3), "b": jnp.ones(2)}, state)
+      >>> metrics = optstab.gnmr_metrics(state)
+      >>> float(metrics["gnmr"]["a"]), float(metrics["gnmr"]["b"])  # norm / mean norm
+      (50.0, 1.0)
+      >>> bool(metrics["recovering"]["a"]), int(metrics["triggers"]), int(metrics["denied"])
+      (True, 1, 0)
     """
     state = find_gnmr_state(opt_state)
     return {
