@@ -1,5 +1,8 @@
 """Unit partitions for GNMR: which parameter elements are watched and recovered together.
 
+These helpers build on :mod:`optstab.tree`, which turns a units spec into the
+:class:`optstab.tree.UnitPartition` that every per-unit method shares.
+
 A units spec is ``None`` (one unit per leaf, named by its '/'-joined key path) or a
 callable ``params -> labels`` returning, for every leaf, a unit name or a sequence
 of names (one per index along axis 0, for stacked layers). The helpers here build
