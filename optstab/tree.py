@@ -98,6 +98,13 @@ class UnitLayout:
             object.__setattr__(self, "_hash", hash(fields))
         return self.__dict__["_hash"]
 
+    def __iter__(self):
+        """Iterates over the unit names, as GNMR's ``state.units`` always has."""
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
     def mismatch(self, other: UnitLayout) -> str | None:
         """How ``other`` differs from this layout, in words; ``None`` when it does not."""
         if self.leaf_paths != other.leaf_paths:

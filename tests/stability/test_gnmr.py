@@ -1,5 +1,7 @@
 """Behaviour of the GNMR controller: triggers, budget, lock, actions, telemetry."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import optstab
-from optstab.stability.gnmr import GNMRState
+from optstab.stability.gnmr import GNMRControl, GNMRState, GNMRTelemetry
 
 PARAMS = {"a": jnp.ones(4), "b": jnp.ones(3), "c": jnp.ones((2, 2))}
 NAMES = ("a", "b", "c")
@@ -53,21 +55,21 @@ def test_spike_enters_recovery_holds_for_lock_and_is_released():
     published = [mask_of(s)["a"] for s in states[spike:]]
     assert published == [True] * lock + [False] * (len(published) - lock)
     # Acted on at the spike and for the lock interval after it.
-    acted = [bool(s.recovering[0]) for s in states[spike:]]
+    acted = [bool(s.telemetry.recovering[0]) for s in states[spike:]]
     assert acted == [True] * (lock + 1) + [False] * (len(acted) - lock - 1)
     assert not any(mask_of(s)["b"] or mask_of(s)["c"] for s in states)
     final = states[-1]
-    assert int(final.triggers) == 1 and int(final.recovered_steps) == lock + 1
-    assert int(final.denied) == 0 and int(final.nonfinite) == 0
+    assert int(final.telemetry.triggers) == 1 and int(final.telemetry.recovered_steps) == lock + 1
+    assert int(final.telemetry.denied) == 0 and int(final.telemetry.nonfinite) == 0
 
 
 def test_no_trigger_during_warmup_except_nonfinite():
     tx = optstab.gnmr(warmup_steps=10, action="clip")
     grads = [grads_with()] * 3 + [grads_with(scale_b=100.0), grads_with(scale_c=jnp.nan)]
     updates, states = run(tx, grads)
-    assert not bool(states[3].recovering[1])
+    assert not bool(states[3].telemetry.recovering[1])
     np.testing.assert_array_equal(updates[3]["b"], 100.0 * np.ones(3))  # unclipped in warm-up
-    assert bool(states[4].recovering[2]) and int(states[4].nonfinite) == 1
+    assert bool(states[4].telemetry.recovering[2]) and int(states[4].telemetry.nonfinite) == 1
     assert np.all(np.asarray(updates[4]["c"]) == 0.0)
 
 
@@ -76,7 +78,7 @@ def test_clip_bounds_only_the_spiking_unit():
     grads = [grads_with()] * 5 + [grads_with(scale_a=40.0, scale_b=2.0)]
     updates, states = run(tx, grads)
     # ||ones(4)|| = 2 exactly, and an EMA of equal values stays exactly at that value.
-    assert float(states[4].mean[0]) == 2.0
+    assert float(states[4].control.mean[0]) == 2.0
     # Clip factor 6 / 80 and the product 40 * factor: 2 roundings (norm in float64).
     clipped_norm = np.linalg.norm(np.asarray(updates[5]["a"], np.float64))
     np.testing.assert_allclose(clipped_norm, 6.0, rtol=EPS32)
@@ -89,11 +91,11 @@ def test_delta_gnmr_catches_a_fast_climb_below_the_gnmr_bar():
     _, states = run(optstab.gnmr(warmup_steps=5, action="clip"), grads)
     # GNMR = Delta-GNMR = ||2.5 ones(3)|| / ||ones(3)|| = 2.5 (both means hold exactly
     # sqrt(3) in float32): two sqrt and a division, 3 roundings, rtol 2 * EPS32.
-    np.testing.assert_allclose(states[-1].gnmr[1], 2.5, rtol=2 * EPS32)  # below 3
-    np.testing.assert_allclose(states[-1].delta_gnmr[1], 2.5, rtol=2 * EPS32)  # above 2
-    assert bool(states[-1].recovering[1])
+    np.testing.assert_allclose(states[-1].telemetry.gnmr[1], 2.5, rtol=2 * EPS32)  # below 3
+    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[1], 2.5, rtol=2 * EPS32)  # above 2
+    assert bool(states[-1].telemetry.recovering[1])
     _, states = run(optstab.gnmr(warmup_steps=5, delta_threshold=None, action="clip"), grads)
-    assert not bool(states[-1].recovering[1])
+    assert not bool(states[-1].telemetry.recovering[1])
 
 
 def test_statistics_freeze_while_recovering():
@@ -101,19 +103,19 @@ def test_statistics_freeze_while_recovering():
     # A 3-update spike, within the lock: frozen from entry to release, no re-baseline.
     grads = [grads_with()] * 4 + [grads_with(scale_a=20.0)] * 3 + [grads_with()] * 2
     _, states = run(tx, grads)
-    before = float(states[3].mean[0])
+    before = float(states[3].control.mean[0])
     for s in states[4:8]:
-        assert float(s.mean[0]) == before and int(s.mean_count[0]) == 4
-    assert int(states[8].mean_count[0]) == 5  # released: observes again
-    assert int(states[8].rebaselines) == 0
+        assert float(s.control.mean[0]) == before and int(s.control.mean_count[0]) == 4
+    assert int(states[8].control.mean_count[0]) == 5  # released: observes again
+    assert int(states[8].telemetry.rebaselines) == 0
 
 
 def test_budget_denies_and_ranks_by_score():
     tx = optstab.gnmr(warmup_steps=3, max_recover=1, lock_steps=2, action="clip")
     grads = [grads_with()] * 4 + [grads_with(scale_a=10.0, scale_b=30.0, scale_c=5.0)]
     _, states = run(tx, grads)
-    assert [bool(x) for x in states[-1].recovering] == [False, True, False]
-    assert int(states[-1].denied) == 2 and int(states[-1].triggers) == 1
+    assert [bool(x) for x in states[-1].telemetry.recovering] == [False, True, False]
+    assert int(states[-1].telemetry.denied) == 2 and int(states[-1].telemetry.triggers) == 1
 
 
 def test_nonfinite_never_reaches_params_or_statistics_even_when_denied():
@@ -122,9 +124,9 @@ def test_nonfinite_never_reaches_params_or_statistics_even_when_denied():
     updates, states = run(tx, grads)
     for key in ("a", "b"):
         assert np.all(np.asarray(updates[1][key]) == 0.0)
-    control = optstab.find_gnmr_state(states[-1])
-    assert np.all(np.isfinite(np.asarray(control.mean)))
-    assert int(control.nonfinite) == 2 and int(control.denied) == 2
+    found = optstab.find_gnmr_state(states[-1])
+    assert np.all(np.isfinite(np.asarray(found.control.mean)))
+    assert int(found.telemetry.nonfinite) == 2 and int(found.telemetry.denied) == 2
 
 
 def test_skip_in_wrapper_freezes_the_units_inner_state_exactly():
@@ -195,10 +197,10 @@ def test_cumulative_mean_and_window_short_signal():
     tx = optstab.gnmr(mean_mode="cumulative", short_window=2, warmup_steps=100)
     _, states = run(tx, grads)
     # Norms 2, 4, ..., 10 (exact); five running-mean steps of 3 roundings each.
-    np.testing.assert_allclose(states[-1].mean[0], 2.0 * np.mean(norms), rtol=8 * EPS32)
+    np.testing.assert_allclose(states[-1].control.mean[0], 2.0 * np.mean(norms), rtol=8 * EPS32)
     # Delta-GNMR of the last step divides by the mean of the two norms before it:
     # a sum, a division by the count and the ratio, 3 roundings.
-    np.testing.assert_allclose(states[-1].delta_gnmr[0], 5.0 / 3.5, rtol=2 * EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[0], 5.0 / 3.5, rtol=2 * EPS32)
 
 
 def test_ema_mean_is_bias_corrected():
@@ -209,7 +211,7 @@ def test_ema_mean_is_bias_corrected():
     # pow within 1 ulp (EPS32 / 2 absolute), amplified 4.3x by 1 - 0.81, and 2 more
     # roundings: 3.2 EPS32 on a weight that moves the mean by half; 3 roundings for the
     # update: rtol 4 * EPS32.
-    np.testing.assert_allclose(states[-1].mean[0], expected, rtol=4 * EPS32)
+    np.testing.assert_allclose(states[-1].control.mean[0], expected, rtol=4 * EPS32)
 
 
 def test_traced_hyperparameters_under_inject_hyperparams():
@@ -217,8 +219,8 @@ def test_traced_hyperparameters_under_inject_hyperparams():
     grads = [grads_with()] * 4 + [grads_with(scale_a=5.0)]
     _, low = run(make(threshold=3.0, delta_threshold=10.0, warmup_steps=2), grads)
     _, high = run(make(threshold=8.0, delta_threshold=10.0, warmup_steps=2), grads)
-    assert bool(optstab.find_gnmr_state(low[-1]).recovering[0])
-    assert not bool(optstab.find_gnmr_state(high[-1]).recovering[0])
+    assert bool(optstab.find_gnmr_state(low[-1]).telemetry.recovering[0])
+    assert not bool(optstab.find_gnmr_state(high[-1]).telemetry.recovering[0])
     assert low[-1].hyperparams["threshold"].dtype == jnp.float32
 
 
@@ -246,8 +248,11 @@ def test_statistics_float32_and_updates_keep_bf16():
     grads = [jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads_with(scale_a=s)) for s in (1, 9)]
     updates, states = run(optstab.gnmr(warmup_steps=1, action="clip"), grads, params)
     assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates[-1]))
-    assert states[-1].mean.dtype == jnp.float32 and states[-1].norm.dtype == jnp.float32
-    assert bool(states[-1].recovering[0])
+    assert (
+        states[-1].control.mean.dtype == jnp.float32
+        and states[-1].telemetry.norm.dtype == jnp.float32
+    )
+    assert bool(states[-1].telemetry.recovering[0])
 
 
 def test_vmapped_states_give_batched_masks():
@@ -327,15 +332,15 @@ def test_budget_is_never_exceeded_and_takes_the_highest_scores(max_recover, lock
         state = step(jax.tree.map(jnp.ones_like, params), state, max_recover, lock)
     for scales in storm:
         grads = {f"u{i}": s * jnp.ones(3) for i, s in enumerate(scales)}
-        locked_before = np.asarray(state.lock) > 0
+        locked_before = np.asarray(state.control.lock) > 0
         state = step(grads, state, max_recover, lock)
-        recovering = np.asarray(state.recovering)
+        recovering = np.asarray(state.telemetry.recovering)
         assert recovering.sum() <= max_recover
-        assert (np.asarray(state.lock) > 0).sum() <= max_recover
+        assert (np.asarray(state.control.lock) > 0).sum() <= max_recover
         assert np.all(recovering[locked_before])  # locked units stay in recovery
         entered = recovering & ~locked_before
         score = _documented_score(state, threshold=3.0, delta_threshold=2.0)
-        at_risk = (score > 1.0) | ~np.isfinite(np.asarray(state.norm))
+        at_risk = (score > 1.0) | ~np.isfinite(np.asarray(state.telemetry.norm))
         denied = at_risk & ~locked_before & ~entered
         assert not np.any(entered & ~at_risk)
         if entered.any() and denied.any():
@@ -348,8 +353,8 @@ def _documented_score(state, threshold, delta_threshold):
     """The module docstring's ranking score, in float32 like the controller:
     ``max(GNMR / threshold, Delta-GNMR / delta_threshold)``, the second term only
     while ``GNMR > 1``."""
-    gnmr = np.asarray(state.gnmr, np.float32)
-    delta = np.asarray(state.delta_gnmr, np.float32)
+    gnmr = np.asarray(state.telemetry.gnmr, np.float32)
+    delta = np.asarray(state.telemetry.delta_gnmr, np.float32)
     climbing = gnmr > np.float32(1.0)
     delta_term = np.where(climbing, delta / np.float32(delta_threshold), np.float32(0.0))
     return np.maximum(gnmr / np.float32(threshold), delta_term)
@@ -370,12 +375,23 @@ def _storm_step():
     return _STORM_STEP["fn"]
 
 
+def test_gnmr_and_gnmr_wrap_share_their_options():
+    chained = inspect.signature(optstab.gnmr).parameters
+    wrapped = inspect.signature(optstab.gnmr_wrap).parameters
+    assert set(wrapped) == set(chained) | {"inner", "reset_warmup_steps"}
+    for name, parameter in chained.items():
+        if name != "action":  # the defaults differ: ("precision", "clip") vs ("skip",)
+            assert wrapped[name].default == parameter.default, name
+            assert wrapped[name].kind == parameter.kind, name
+
+
 def test_state_fields_have_declared_dtypes():
     state = optstab.gnmr().init(PARAMS)
     assert isinstance(state, GNMRState)
-    assert state.units.names == NAMES
-    assert state.count.dtype == jnp.int32 and state.lock.dtype == jnp.int32
-    assert state.recovering.dtype == jnp.bool_
+    assert isinstance(state.control, GNMRControl) and isinstance(state.telemetry, GNMRTelemetry)
+    assert state.units.names == NAMES and list(state.units) == list(NAMES)
+    assert state.control.count.dtype == jnp.int32 and state.control.lock.dtype == jnp.int32
+    assert state.telemetry.recovering.dtype == jnp.bool_
     assert jax.tree.leaves(state.units) == []  # names are static, not checkpointed arrays
 
 
@@ -383,8 +399,8 @@ def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
     tx = optstab.gnmr(max_recover=0, warmup_steps=3, action="clip")
     grads = [grads_with()] * 30 + [grads_with(scale_a=1000.0)]
     _, states = run(tx, grads)
-    before, after = float(states[-2].mean[0]), float(states[-1].mean[0])
-    assert int(states[-1].denied) == 1 and not bool(states[-1].recovering[0])
+    before, after = float(states[-2].control.mean[0]), float(states[-1].control.mean[0])
+    assert int(states[-1].telemetry.denied) == 1 and not bool(states[-1].telemetry.recovering[0])
     weight = 0.01 / (1 - 0.99**31)  # the bias-corrected EMA's 31st weight
     # The weight (1 - d) / (1 - d**31): pow within 1 ulp and 0.99's float32 rounding
     # raised to the 31st power, both amplified 2.7x by 1 - 0.732, and 0.99's rounding
@@ -397,7 +413,9 @@ def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
     # The second weight (1 - d) / (1 - d**2): pow within 1 ulp (EPS32 / 2 absolute)
     # over 1 - 0.9801 = 0.0199 is 25 EPS32 relative; it moves the mean by 80%, with 3
     # more roundings: rtol 30 * EPS32.
-    np.testing.assert_allclose(states[-1].mean[0], 2.0 * (0.99 + 9.0) / 1.99, rtol=30 * EPS32)
+    np.testing.assert_allclose(
+        states[-1].control.mean[0], 2.0 * (0.99 + 9.0) / 1.99, rtol=30 * EPS32
+    )
 
 
 def test_reset_ramps_the_units_step_size_back_up():
@@ -451,14 +469,18 @@ def test_lock_zero_is_rejected_and_a_short_spike_never_moves_the_baseline():
     grads += [grads_with(scale_a=100.0)]
     make = lambda lock: optstab.gnmr(warmup_steps=5, lock_steps=lock)
     for lock, states in _traced_lock_run(make, range(1, 7), grads).items():
-        assert int(states.lock[30, 0]) == lock  # published after the update it entered
+        assert int(states.control.lock[30, 0]) == lock  # published after the update it entered
         # Frozen through both spike updates (the unit is in recovery for both, as
         # lock + 1 >= 2), and back to the same EMA of equal norms afterwards: the
         # baseline is exactly ||ones(4)|| = 2.
-        np.testing.assert_array_equal(states.mean[29:32, 0], 2.0)
-        assert float(states.mean[-2, 0]) == 2.0 and int(states.rebaselines[-1]) == 0, lock
+        np.testing.assert_array_equal(states.control.mean[29:32, 0], 2.0)
+        assert (
+            float(states.control.mean[-2, 0]) == 2.0 and int(states.telemetry.rebaselines[-1]) == 0
+        ), lock
         # The 100x spike is caught: GNMR = 200 / 2.
-        assert float(states.gnmr[-1, 0]) == 100.0 and bool(states.recovering[-1, 0]), lock
+        assert float(states.telemetry.gnmr[-1, 0]) == 100.0 and bool(
+            states.telemetry.recovering[-1, 0]
+        ), lock
 
 
 def test_a_lasting_shift_is_learnt_after_eleven_updates_or_the_lock():
@@ -471,19 +493,19 @@ def test_a_lasting_shift_is_learnt_after_eleven_updates_or_the_lock():
     )
     locks = (1, 2, 3, 4, 5, 6, 10, 12)
     for lock, states in _traced_lock_run(make, locks, grads).items():
-        control = states.gnmr
+        found = states.gnmr
         # Hand count: back-to-back locks of lock + 1 updates (the slot is free again
         # at each release) until a release finds the risk k * (lock + 1) >= level
         # updates old, level = max(lock + 1, 11).
         level = max(lock + 1, 11)
         locks_needed = -(-level // (lock + 1))
         recovered = locks_needed * (lock + 1)
-        assert int(control.triggers[-1]) == locks_needed, lock
-        assert int(control.recovered_steps[-1]) == recovered, lock
-        assert int(control.rebaselines[-1]) == 1, lock
+        assert int(found.telemetry.triggers[-1]) == locks_needed, lock
+        assert int(found.telemetry.recovered_steps[-1]) == recovered, lock
+        assert int(found.telemetry.rebaselines[-1]) == 1, lock
         # Re-baselined at the new norm 10 * ||ones(4)|| = 20, then trained again.
-        assert float(control.mean[-1, 0]) == 20.0, lock
-        acted = np.asarray(control.recovering[5:, 0])
+        assert float(found.control.mean[-1, 0]) == 20.0, lock
+        acted = np.asarray(found.telemetry.recovering[5:, 0])
         assert acted.tolist() == [True] * recovered + [False] * (shift - recovered), lock
 
 
@@ -503,9 +525,9 @@ def test_delta_gnmr_ignores_a_rise_back_to_the_normal_level():
     # carry < 20 EPS32 (as in the denied-spike test) at 4% of the mean, the short ones
     # (powers of 2) a few roundings; the norms' sqrt(3) cancels to 2 roundings: rtol
     # 4 * EPS32.
-    np.testing.assert_allclose(states[-1].gnmr[1], gnmr, rtol=4 * EPS32)
-    np.testing.assert_allclose(states[-1].delta_gnmr[1], delta, rtol=4 * EPS32)
-    assert int(states[-1].triggers) == 0
+    np.testing.assert_allclose(states[-1].telemetry.gnmr[1], gnmr, rtol=4 * EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[1], delta, rtol=4 * EPS32)
+    assert int(states[-1].telemetry.triggers) == 0
 
 
 @pytest.mark.parametrize(
@@ -561,10 +583,10 @@ def test_complex_units_are_measured_by_modulus_and_clipped_in_phase():
     z = np.asarray(spike["z"], np.complex128)
     mean = np.sqrt(10.0)
     norm = np.sqrt(np.sum(np.abs(z) ** 2))
-    assert states[-1].mean.dtype == jnp.float32
+    assert states[-1].control.mean.dtype == jnp.float32
     # Integer sums of squares are exact; sqrt, bar, ratio: 3 roundings, rtol 2 * EPS32.
-    np.testing.assert_allclose(states[-2].mean[1], mean, rtol=EPS32)
-    np.testing.assert_allclose(states[-1].gnmr[1], norm / mean, rtol=2 * EPS32)
+    np.testing.assert_allclose(states[-2].control.mean[1], mean, rtol=EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.gnmr[1], norm / mean, rtol=2 * EPS32)
     assert updates[-1]["z"].dtype == jnp.complex64
     # Two sqrt, the bar, the factor, the complex product: 5 roundings, rtol 3 * EPS32.
     np.testing.assert_allclose(updates[-1]["z"], z * (3.0 * mean / norm), rtol=3 * EPS32)
@@ -596,7 +618,7 @@ def test_wrap_acts_only_on_the_inner_per_parameter_state(params):
     grads += [jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)]
     updates, states = run(tx, grads, params)
     adam = states[-1].inner[0]
-    assert int(states[-1].gnmr.triggers) == num_units  # every unit entered recovery
+    assert int(states[-1].gnmr.telemetry.triggers) == num_units  # every unit entered recovery
     assert int(adam.count) == 4  # shared: advances through skip and reset
     for leaf in jax.tree.leaves((adam.mu, adam.nu, updates[-1])):
         assert np.all(np.asarray(leaf) == 0)  # reset on entry, then frozen; skipped
@@ -614,7 +636,7 @@ def test_wrap_keeps_the_inner_key_and_falls_back_on_shapes():
         _, alone = noisy.update(g, alone, params)
     tx = optstab.gnmr_wrap(noisy, warmup_steps=2, action=("clip", "reset"))
     _, states = run(tx, grads, params)
-    assert int(states[-1].gnmr.triggers) == 1
+    assert int(states[-1].gnmr.telemetry.triggers) == 1
     np.testing.assert_array_equal(
         jax.random.key_data(states[-1].inner[0].rng_key), jax.random.key_data(alone[0].rng_key)
     )
