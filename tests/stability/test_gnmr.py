@@ -142,9 +142,9 @@ def test_skip_in_wrapper_freezes_the_units_inner_state_exactly():
     # program. XLA does not reassociate it without fast-math but may contract a * b + c
     # into one FMA (a rounding fewer, about 2 per step over 5 steps): rtol 10 * EPS32.
     adam = optax.adam(0.1)
-    alone = adam.init(PARAMS["b"])
+    alone, adam_update = adam.init(PARAMS["b"]), jax.jit(adam.update)
     for g in grads:
-        expected, alone = adam.update(g["b"], alone)
+        expected, alone = adam_update(g["b"], alone)
     np.testing.assert_allclose(after.mu["b"], alone[0].mu, rtol=10 * EPS32)
     np.testing.assert_allclose(updates[-1]["b"], expected, rtol=10 * EPS32)
 
@@ -558,8 +558,9 @@ def test_map_params_maps_only_the_params_like_leaves(make_tx):
     # The identity map keeps a working state: the same next update as the original.
     same = optax.tree.map_params(tx, lambda v: v, state)
     grads = grads_with(scale_a=2.0)
-    want, _ = tx.update(grads, state, PARAMS)
-    got, _ = tx.update(grads, same, PARAMS)
+    update = jax.jit(tx.update)  # one compile for both states
+    want, _ = update(grads, state, PARAMS)
+    got, _ = update(grads, same, PARAMS)
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -631,9 +632,9 @@ def test_wrap_keeps_the_inner_key_and_falls_back_on_shapes():
     # noisy_sgd's key is shared by all units: reset must not touch it. Expected: the
     # key after four updates of noisy_sgd alone.
     noisy = optax.noisy_sgd(0.1, key=0)
-    alone = noisy.init(params)
+    alone, noisy_update = noisy.init(params), jax.jit(noisy.update)
     for g in grads:
-        _, alone = noisy.update(g, alone, params)
+        _, alone = noisy_update(g, alone, params)
     tx = optstab.gnmr_wrap(noisy, warmup_steps=2, action=("clip", "reset"))
     _, states = run(tx, grads, params)
     assert int(states[-1].gnmr.telemetry.triggers) == 1
