@@ -4,8 +4,8 @@ The methods are reconstructed from the papers' abstracts (their full texts and c
 are not available); see each module's docstring for what is ours.
 """
 
-from optstab import bilevel, checkpoint, lowprec, perturb, tree
-from optstab.stability import baselines, units
+from optstab import bilevel, checkpoint, lowprec, perturb, tree, units
+from optstab.stability import baselines
 from optstab.stability.baselines import adagc, skip_step, spam, zclip
 from optstab.stability.gnmr import (
     GNMRState,

@@ -71,23 +71,87 @@ def default_labels(tree: PyTree) -> PyTree:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnitLayout:
+    """The static description of a partition that a state can carry.
+
+    It holds no treedef: a state built from a flax NNX ``State`` of variables must
+    match the pure arrays of the updates, which differ from it only in wrappers that
+    :func:`key_path_name` drops.
+
+    Attributes:
+      names: sorted unit names; index ``i`` of every per-unit vector is ``names[i]``.
+      leaf_paths: the '/'-joined key path of each leaf, in flattening order.
+      leaf_shapes: the shape of each leaf, in flattening order.
+      leaf_units: for each leaf, the unit index (an ``int``) or a tuple of unit
+        indices, one per position along the leaf's axis 0.
+    """
+
+    names: tuple[str, ...]
+    leaf_paths: tuple[str, ...]
+    leaf_shapes: tuple[tuple[int, ...], ...]
+    leaf_units: tuple[int | tuple[int, ...], ...]
+
+    def __hash__(self) -> int:
+        # Hashed by every jit dispatch of a state that carries it: computed once.
+        if "_hash" not in self.__dict__:
+            fields = (self.names, self.leaf_paths, self.leaf_shapes, self.leaf_units)
+            object.__setattr__(self, "_hash", hash(fields))
+        return self.__dict__["_hash"]
+
+    def __iter__(self):
+        """Iterates over the unit names, as GNMR's ``state.units`` always has."""
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def mismatch(self, other: UnitLayout) -> str | None:
+        """How ``other`` differs from this layout, in words; ``None`` when it does not."""
+        if self.leaf_paths != other.leaf_paths:
+            missing = sorted(set(self.leaf_paths) - set(other.leaf_paths))
+            extra = sorted(set(other.leaf_paths) - set(self.leaf_paths))
+            if missing or extra:
+                return f"leaves missing: {missing}, unexpected leaves: {extra}"
+            return f"leaves in another order: {list(other.leaf_paths)}"
+        for path, mine, theirs in zip(
+            self.leaf_paths, self.leaf_shapes, other.leaf_shapes, strict=True
+        ):
+            if mine != theirs:
+                return f"leaf {path!r} has shape {theirs}, expected {mine}"
+        if self.names != other.names or self.leaf_units != other.leaf_units:
+            return f"units {list(other.names)}, expected {list(self.names)}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
 class UnitPartition:
     """Static map from the leaves of a pytree to a sorted list of unit names.
+
+    A pytree without leaves has a partition without units.
 
     Attributes:
       names: sorted unit names; index ``i`` of every per-unit vector is ``names[i]``.
       leaf_units: for each leaf (flattening order), the unit index (an ``int``) or a
         tuple of unit indices, one per position along the leaf's axis 0.
       treedef: structure of the pytree the partition was built for.
+      leaf_paths: the '/'-joined key path of each leaf (:func:`leaf_names`).
+      leaf_shapes: the shape of each leaf.
     """
 
     names: tuple[str, ...]
     leaf_units: tuple[int | tuple[int, ...], ...]
     treedef: Any
+    leaf_paths: tuple[str, ...]
+    leaf_shapes: tuple[tuple[int, ...], ...]
 
     @property
     def num_units(self) -> int:
         return len(self.names)
+
+    @property
+    def layout(self) -> UnitLayout:
+        """The partition without its treedef (see :class:`UnitLayout`)."""
+        return UnitLayout(self.names, self.leaf_paths, self.leaf_shapes, self.leaf_units)
 
     def index(self, name: str) -> int:
         try:
@@ -100,7 +164,8 @@ def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
     """Builds the :class:`UnitPartition` of ``tree`` from a units spec.
 
     Args:
-      tree: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+      tree: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``); one without
+        leaves (such as the placeholder of ``optax.tree.map_params``) has no units.
       units: ``None`` for one unit per leaf named by its key path, or a callable
         ``tree -> labels`` (like ``optax.multi_transform`` labels) whose result has
         the structure of ``tree`` and, per leaf, either a unit name or a sequence of
@@ -120,9 +185,6 @@ def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
         leaf_labels = treedef.flatten_up_to(labels)
     except (ValueError, TypeError) as err:
         raise ValueError(f"units labels do not match the parameter structure: {err}") from None
-    if not leaves:
-        raise ValueError("the parameter pytree has no leaves; there is nothing to partition")
-
     names = set()
     for leaf, label in zip(leaves, leaf_labels, strict=True):
         if isinstance(label, str):
@@ -143,7 +205,8 @@ def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
         position[label] if isinstance(label, str) else tuple(position[n] for n in label)
         for label in leaf_labels
     )
-    return UnitPartition(sorted_names, leaf_units, treedef)
+    shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
+    return UnitPartition(sorted_names, leaf_units, treedef, tuple(leaf_names(tree)), shapes)
 
 
 def _check_structure(partition: UnitPartition, tree: PyTree) -> list[Any]:
@@ -155,15 +218,23 @@ def _check_structure(partition: UnitPartition, tree: PyTree) -> list[Any]:
     return leaves
 
 
+def _abs_squared(leaf: jax.Array) -> jax.Array:
+    """Elementwise ``|x|^2`` in float32; for complex ``x``, ``re(x)^2 + im(x)^2``."""
+    x = jnp.asarray(leaf)
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real.astype(jnp.float32)) + jnp.square(x.imag.astype(jnp.float32))
+    return jnp.square(x.astype(jnp.float32))
+
+
 def _leaf_sum_squares(leaf: jax.Array, unit: int | tuple[int, ...]) -> jax.Array:
-    x = jnp.asarray(leaf).astype(jnp.float32)
+    squares = _abs_squared(leaf)
     if isinstance(unit, int):
-        return jnp.sum(jnp.square(x))
-    return jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1)
+        return jnp.sum(squares)
+    return jnp.sum(squares.reshape(squares.shape[0], -1), axis=1)
 
 
 def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
-    """Per-unit sum of squares of ``tree``, float32 of shape ``(num_units,)``."""
+    """Per-unit sum of ``|x|^2`` over ``tree``, float32 of shape ``(num_units,)``."""
     leaves = _check_structure(partition, tree)
     total = jnp.zeros((partition.num_units,), jnp.float32)
     for leaf, unit in zip(leaves, partition.leaf_units, strict=True):
@@ -173,12 +244,18 @@ def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
 
 
 def global_norm(tree: PyTree) -> jax.Array:
-    """L2 norm of a whole pytree, computed in float32 (0 for a tree without leaves)."""
-    return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
+    """L2 norm of a whole pytree in float32, ``|z|`` for complex elements (0 without leaves)."""
+    single = lambda x: jnp.asarray(x).astype(
+        jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32
+    )  # optax.tree.norm sums re^2 + im^2 of complex leaves
+    return optax.tree.norm(jax.tree.map(single, tree))
 
 
 def unit_norms(partition: UnitPartition, tree: PyTree) -> jax.Array:
-    """Per-unit L2 norm of ``tree`` in float32; non-finite where any element is."""
+    """Per-unit L2 norm of ``tree`` in float32; non-finite where any element is.
+
+    Complex elements count by their modulus: ``[3 + 4j]`` has norm 5.
+    """
     return jnp.sqrt(unit_sum_squares(partition, tree))
 
 
@@ -190,8 +267,18 @@ def _broadcast(values: jax.Array, unit: int | tuple[int, ...], leaf: jax.Array) 
     return per_row.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
 
 
+def leaf_values(partition: UnitPartition, values: jax.Array) -> list[jax.Array]:
+    """The per-unit ``values`` seen by each leaf (flattening order), shaped to broadcast
+    against a leaf of the partition's shape."""
+    return [
+        _broadcast(values, unit, np.empty(shape, np.bool_))
+        for unit, shape in zip(partition.leaf_units, partition.leaf_shapes, strict=True)
+    ]
+
+
 def scale_units(partition: UnitPartition, tree: PyTree, factors: jax.Array) -> PyTree:
-    """Multiplies every element of unit ``u`` by ``factors[u]``; keeps each leaf's dtype."""
+    """Multiplies every element of unit ``u`` by the real ``factors[u]``; keeps each leaf's
+    dtype (a complex leaf is scaled in modulus, its phase kept)."""
     leaves = _check_structure(partition, tree)
     scaled = [
         leaf * _broadcast(factors, unit, leaf).astype(leaf.dtype)

@@ -8,6 +8,9 @@ import pytest
 from optstab import tree as ot
 
 PARAMS = {"c": {"w": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2)}, "s": jnp.ones((4, 5))}
+# Sums of squares of small integers are exact in float32 and sqrt is correctly rounded
+# (EPS32 / 2 relative): norms of integer trees get rtol EPS32.
+EPS32 = 2.0**-23
 
 
 def test_default_units_are_key_paths_sorted():
@@ -19,7 +22,7 @@ def test_default_units_are_key_paths_sorted():
 def test_norms_match_numpy_and_are_float32_for_bf16():
     partition = ot.make_partition(PARAMS)
     norms = jax.jit(lambda t: ot.unit_norms(partition, t))(PARAMS)
-    np.testing.assert_allclose(norms, [np.sqrt(2), np.sqrt(55), np.sqrt(20)], rtol=1e-6)
+    np.testing.assert_allclose(norms, [np.sqrt(2), np.sqrt(55), np.sqrt(20)], rtol=EPS32)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
     assert ot.unit_norms(partition, bf16).dtype == jnp.float32
 
@@ -29,7 +32,7 @@ def test_split_labels_give_per_row_units_and_scaling():
     partition = ot.make_partition(PARAMS, lambda _: labels)
     assert partition.names == ("c", "s/0", "s/1", "s/2", "s/3")
     norms = ot.unit_norms(partition, PARAMS)
-    np.testing.assert_allclose(norms, [np.sqrt(57), *[np.sqrt(5)] * 4], rtol=1e-6)
+    np.testing.assert_allclose(norms, [np.sqrt(57), *[np.sqrt(5)] * 4], rtol=EPS32)
     scaled = ot.scale_units(partition, PARAMS, jnp.array([2.0, 0.0, 1.0, 0.0, 3.0]))
     np.testing.assert_array_equal(scaled["s"][:, 0], [0.0, 1.0, 0.0, 3.0])
     np.testing.assert_array_equal(scaled["c"]["w"], 2.0 * PARAMS["c"]["w"])
@@ -53,3 +56,24 @@ def test_bad_labels_raise_value_error():
     partition = ot.make_partition(PARAMS)
     with pytest.raises(ValueError, match="structure"):
         ot.unit_norms(partition, {"s": jnp.ones(2)})
+
+
+def test_a_pytree_without_leaves_has_no_units():
+    # optax.tree.map_params initialises every transform on such a placeholder.
+    for empty in ({}, (), {"a": {}}):
+        partition = ot.make_partition(empty)
+        assert partition.names == () and partition.num_units == 0
+        assert ot.unit_norms(partition, empty).shape == (0,)
+
+
+def test_complex_leaves_count_by_modulus():
+    tree = {"z": jnp.array([[3 + 4j, 0], [1 - 2j, 2j]], jnp.complex64), "r": jnp.ones(2)}
+    partition = ot.make_partition(tree, lambda _: {"z": ["z/0", "z/1"], "r": "r"})
+    norms = ot.unit_norms(partition, tree)
+    assert norms.dtype == jnp.float32
+    # |3+4j| = 5; sqrt(|1-2j|^2 + |2j|^2) = 3; sqrt(2): integer trees, rtol EPS32.
+    np.testing.assert_allclose(norms, [np.sqrt(2.0), 5.0, 3.0], rtol=EPS32)
+    np.testing.assert_allclose(ot.global_norm(tree), np.sqrt(2.0 + 25.0 + 9.0), rtol=EPS32)
+    scaled = ot.scale_units(partition, tree, jnp.array([1.0, 0.5, 2.0]))
+    assert scaled["z"].dtype == jnp.complex64
+    np.testing.assert_array_equal(scaled["z"], [[1.5 + 2j, 0], [2 - 4j, 4j]])

@@ -11,7 +11,8 @@ local risk signals are mapped to bounded recovery actions under a hard budget
 What is reconstructed here (the paper's full text and code are not available to us;
 every formula and default below is ours):
 
-* ``n_u = ||g_u||`` in float32 over all elements of unit ``u``.
+* ``n_u = ||g_u||`` in float32 over all elements of unit ``u`` (complex elements by
+  their modulus; clipping rescales them and keeps their phase).
 * Long-run mean ``m_u``: bias-corrected EMA with decay ``decay`` (0.99), or the
   cumulative mean (``mean_mode="cumulative"``). It is fed only finite norms from
   steps where the unit is not in recovery, and after warm-up each norm is capped at
@@ -37,15 +38,20 @@ every formula and default below is ours):
 * Budget: at most ``max_recover`` units are in recovery at once, units still locked
   included. New candidates are taken in score order (``lax.top_k`` over the fixed
   score vector); the others are counted as denied.
-* Lock: a unit that enters recovery at update ``t`` stays in recovery for updates
-  ``t .. t + lock_steps`` (a countdown in the state) and is published in the
-  recovery mask for the ``lock_steps`` forward passes after ``t``.
-* Release: a unit still at risk on the update that releases it (its last locked
-  update; with ``lock_steps=0``, the next update at risk) has outlasted the lock,
-  so its risk is a new level rather than a short-lived event. Its statistics are
-  re-baselined at the current norm (counted in ``rebaselines``); without this a
-  skipped unit, whose gradient cannot change while it is frozen, would re-enter
-  recovery at every release and never train again.
+* Lock: a lock covers ``lock_steps + 1`` updates. A unit that enters recovery at
+  update ``t`` stays in recovery for updates ``t .. t + lock_steps`` (a countdown in
+  the state) and is published in the recovery mask for the ``lock_steps`` forward
+  passes after ``t``; so ``lock_steps >= 1``, or a unit would enter recovery without
+  ever being published.
+* Release: a unit released (on its last locked update) while its risk has lasted
+  ``max(lock_steps + 1, 11)`` consecutive updates or more has a new level, not a
+  spike. Its statistics are re-baselined at the current norm (counted in
+  ``rebaselines``); without this a skipped unit, whose gradient cannot change while
+  it is frozen, would re-enter recovery at every release and never train again. The
+  11 updates are the default lock's, so a short lock shortens the action but not
+  what counts as a spike: a risk shorter than 11 updates never moves the baseline
+  (with ``lock_steps=1`` a lasting shift is re-entered until it has lasted 11
+  updates, then accepted).
 * Actions while in recovery (any combination):
 
   - ``"precision"``: the unit is published by :func:`recovery_mask`, for the model
@@ -68,13 +74,15 @@ every formula and default below is ours):
   frozen). A non-finite unit denied by the budget is still zeroed.
 
 Known limitation of this reconstruction: a *persistent* jump of a unit's gradient
-norm costs one lock interval of recovery before it is accepted as the new level (a
-unit denied by the budget meanwhile learns it only through the capped updates).
+norm costs about ``max(lock_steps + 1, 11)`` updates of recovery before it is accepted
+as the new level (a unit denied by the budget meanwhile learns it only through the
+capped updates).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -84,41 +92,76 @@ import optax
 from optstab import tree as ot
 from optstab._checks import check_count, check_range
 from optstab._state import find_unique
+from optstab.stability import _inner_state
 from optstab.stability.warmup import reset_ramp
 
 PyTree = Any
 ArrayLike = jax.typing.ArrayLike
 
 ACTIONS = ("precision", "clip", "skip", "reset")
-_AGE_CAP = 2**30  # reset_age saturates here: "never reset" and "long ago" look alike
 MEAN_MODES = ("ema", "cumulative")
+_COUNT_CAP = 2**30  # saturating counters stop here: "long ago" and "never" look alike
+# A risk that lasts this many consecutive updates (or the whole lock, if longer) is a
+# new level: lock_steps + 1 for the default lock of 10.
+_LEVEL_UPDATES = 11
+
+jax.tree_util.register_static(ot.UnitLayout)  # static pytree data: no array leaves
 
 
-@jax.tree_util.register_static
-class UnitNames(tuple):
-    """The unit names of a GNMR state: static pytree data with no array leaves."""
+class _AnyParams:
+    """``units`` of the *template* state that ``init`` gives for a pytree without leaves.
+
+    ``optax.tree.map_params`` finds the params inside a state by calling ``init`` on a
+    placeholder pytree without leaves and matching the result against the real state.
+    A template's per-unit vectors are empty and its ``units`` is this plain leaf, so
+    that its structure is a prefix of every real state's, whatever the units. A
+    template cannot be updated and has no units to report.
+    """
+
+    def __repr__(self) -> str:
+        return "<units of any params>"
 
 
-class GNMRState(NamedTuple):
-    """State of :func:`gnmr`. ``U`` is the number of units. Field order is the
-    checkpoint format."""
+_ANY_PARAMS = _AnyParams()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class GNMRControl(NamedTuple):
+    """What the controller carries from one update to the next. ``U`` units."""
 
     count: jax.Array  # int32 scalar: updates seen
-    norm: jax.Array  # (U,) float32: unit gradient norms of the last update
     mean: jax.Array  # (U,) float32: long-run mean m_u (bias-corrected EMA or cumulative)
     mean_count: jax.Array  # (U,) int32: norms folded into mean
     short: jax.Array  # (U,) float32 short EMA s_u, or (U, short_window) ring buffer
     short_count: jax.Array  # (U,) int32: norms folded into short
+    lock: jax.Array  # (U,) int32: recovery countdown; > 0 means published in the mask
+    risk_steps: jax.Array  # (U,) int32: consecutive updates at risk, up to the last one
+
+
+class GNMRTelemetry(NamedTuple):
+    """What the last update measured and did, and cumulative counters. Never read by
+    the controller. ``U`` units."""
+
+    norm: jax.Array  # (U,) float32: unit gradient norms of the last update
     gnmr: jax.Array  # (U,) float32: GNMR of the last update (inf when non-finite)
     delta_gnmr: jax.Array  # (U,) float32: Delta-GNMR of the last update
-    lock: jax.Array  # (U,) int32: recovery countdown; > 0 means published in the mask
     recovering: jax.Array  # (U,) bool: units acted on in the last update
     triggers: jax.Array  # int32 scalar: units that entered recovery, cumulative
     denied: jax.Array  # int32 scalar: at-risk units refused by the budget, cumulative
     recovered_steps: jax.Array  # int32 scalar: unit-steps spent in recovery, cumulative
     nonfinite: jax.Array  # int32 scalar: non-finite unit gradients seen, cumulative
-    rebaselines: jax.Array  # int32 scalar: units still at risk when released, cumulative
-    units: UnitNames  # static unit names, index i of every (U,) vector
+    rebaselines: jax.Array  # int32 scalar: units re-baselined at a new level, cumulative
+
+
+class GNMRState(NamedTuple):
+    """State of :func:`gnmr`. Field order (and the fields' own) is the checkpoint
+    format."""
+
+    control: GNMRControl
+    telemetry: GNMRTelemetry
+    units: ot.UnitLayout  # static: unit names (index i of every (U,) vector), leaf shapes
 
 
 class GNMRWrapState(NamedTuple):
@@ -129,8 +172,11 @@ class GNMRWrapState(NamedTuple):
     reset_age: jax.Array  # (U,) int32: updates since each unit's last reset (saturates)
 
 
+# ----------------------------------------------------------------------------- options
+
+
 class _Hyper(NamedTuple):
-    """Hyperparameters: as given at construction, then as arrays in each update."""
+    """The numeric options as float32 / int32 arrays (they may be traced)."""
 
     threshold: jax.Array
     delta_threshold: jax.Array | None
@@ -142,29 +188,75 @@ class _Hyper(NamedTuple):
     eps: jax.Array
 
 
-class _Decision(NamedTuple):
-    """What the controller decided for one update; every field is (U,)."""
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The options :func:`gnmr` and :func:`gnmr_wrap` share, validated once.
 
-    finite: jax.Array  # bool
-    recovering: jax.Array  # bool: entered now or still locked
-    entered: jax.Array  # bool: entered recovery at this update
-    clip_factor: jax.Array  # float32 in (0, 1]: rescaling that brings n_u to threshold*m_u
+    Numeric options are kept as given (Python numbers or arrays, possibly traced under
+    ``optax.inject_hyperparams``); only concrete values are checked.
+    """
 
+    threshold: ArrayLike
+    delta_threshold: ArrayLike | None
+    max_recover: ArrayLike
+    lock_steps: ArrayLike
+    warmup_steps: ArrayLike
+    actions: frozenset[str]
+    units: ot.UnitsSpec
+    decay: ArrayLike
+    short_decay: ArrayLike
+    mean_mode: str
+    short_window: int | None
+    eps: ArrayLike
 
-# ----------------------------------------------------------------------------- config
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any], *, allow_inner: bool) -> _Options:
+        """Picks the shared options by name from a public constructor's arguments and
+        validates them; raises ``ValueError`` naming a bad one."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "actions"]
+        given = {name: arguments[name] for name in names}
+        actions = _normalize_actions(arguments["action"], allow_inner)
+        options = cls(actions=actions, **given)
+        options._validate()
+        return options
 
+    def _validate(self) -> None:
+        check_range("threshold", self.threshold, lambda x: x > 0, "> 0")
+        if self.delta_threshold is not None:
+            allowed = "> 0 (or None to disable Delta-GNMR)"
+            check_range("delta_threshold", self.delta_threshold, lambda x: x > 0, allowed)
+        check_count("max_recover", self.max_recover)
+        check_range(
+            "lock_steps",
+            self.lock_steps,
+            lambda x: x >= 1 and float(x).is_integer(),
+            "an integer >= 1 (a unit is published in recovery_mask for lock_steps forward passes)",
+        )
+        check_count("warmup_steps", self.warmup_steps)
+        check_range("decay", self.decay, lambda x: 0 < x < 1, "in (0, 1)")
+        check_range("short_decay", self.short_decay, lambda x: 0 <= x < 1, "in [0, 1)")
+        check_range("eps", self.eps, lambda x: x > 0, "> 0")
+        if self.mean_mode not in MEAN_MODES:
+            raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {self.mean_mode!r}")
+        window = self.short_window
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"short_window must be None or an int >= 1, got {window!r}")
 
-def _validate(hyper: _Hyper) -> None:
-    check_range("threshold", hyper.threshold, lambda x: x > 0, "> 0")
-    if hyper.delta_threshold is not None:
-        allowed = "> 0 (or None to disable Delta-GNMR)"
-        check_range("delta_threshold", hyper.delta_threshold, lambda x: x > 0, allowed)
-    check_count("max_recover", hyper.max_recover)
-    check_count("lock_steps", hyper.lock_steps)
-    check_count("warmup_steps", hyper.warmup_steps)
-    check_range("decay", hyper.decay, lambda x: 0 < x < 1, "in (0, 1)")
-    check_range("short_decay", hyper.short_decay, lambda x: 0 <= x < 1, "in [0, 1)")
-    check_range("eps", hyper.eps, lambda x: x > 0, "> 0")
+    def arrays(self) -> _Hyper:
+        """The numeric options as arrays, for one update."""
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        i32 = lambda x: jnp.asarray(x).astype(jnp.int32)
+        delta = self.delta_threshold
+        return _Hyper(
+            threshold=f32(self.threshold),
+            delta_threshold=None if delta is None else f32(delta),
+            max_recover=i32(self.max_recover),
+            lock_steps=i32(self.lock_steps),
+            warmup_steps=i32(self.warmup_steps),
+            decay=f32(self.decay),
+            short_decay=f32(self.short_decay),
+            eps=f32(self.eps),
+        )
 
 
 def _normalize_actions(action: str | Sequence[str], allow_inner: bool) -> frozenset[str]:
@@ -180,78 +272,96 @@ def _normalize_actions(action: str | Sequence[str], allow_inner: bool) -> frozen
     return frozenset(actions)
 
 
-def _check_static_options(mean_mode: str, short_window: int | None) -> None:
-    if mean_mode not in MEAN_MODES:
-        raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
-    if short_window is not None and (not isinstance(short_window, int) or short_window < 1):
-        raise ValueError(f"short_window must be None or an int >= 1, got {short_window!r}")
+def _check_inner(inner: Any) -> None:
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(
+            "inner must be an optax.GradientTransformation (an object with init and update), "
+            f"such as optax.adam(1e-3); got {inner!r}"
+        )
 
 
-def _configure(
-    hyper: _Hyper, action, mean_mode, short_window, *, allow_inner: bool
-) -> frozenset[str]:
-    """Validates a GNMR configuration (``hyper`` as given); returns the actions."""
-    _validate(hyper)
-    _check_static_options(mean_mode, short_window)
-    return _normalize_actions(action, allow_inner)
+# ----------------------------------------------------------------------------- init
 
 
-def _as_arrays(hyper: _Hyper) -> _Hyper:
-    """The hyperparameters as float32 / int32 arrays (they may be traced)."""
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    i32 = lambda x: jnp.asarray(x).astype(jnp.int32)
-    return _Hyper(
-        threshold=f32(hyper.threshold),
-        delta_threshold=None if hyper.delta_threshold is None else f32(hyper.delta_threshold),
-        max_recover=i32(hyper.max_recover),
-        lock_steps=i32(hyper.lock_steps),
-        warmup_steps=i32(hyper.warmup_steps),
-        decay=f32(hyper.decay),
-        short_decay=f32(hyper.short_decay),
-        eps=f32(hyper.eps),
-    )
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _init_state(partition: ot.UnitPartition, short_window: int | None) -> GNMRState:
+def _init_state(params: PyTree, options: _Options) -> GNMRState:
+    """The state for ``params``; a template (see :class:`_AnyParams`) without leaves."""
+    if jax.tree.leaves(params):
+        layout = ot.make_partition(params, options.units).layout
+        num = len(layout.names)
+    else:
+        layout, num = _ANY_PARAMS, 0
     # Every field gets its own buffer, so that the state can be donated to a jitted step.
-    num = partition.num_units
     per_unit = lambda dtype, fill=0: jnp.full((num,), fill, dtype)
     counter = lambda: jnp.zeros((), jnp.int32)
-    short_shape = (num,) if short_window is None else (num, short_window)
-    return GNMRState(
+    window = options.short_window
+    control = GNMRControl(
         count=counter(),
-        norm=per_unit(jnp.float32),
         mean=per_unit(jnp.float32),
         mean_count=per_unit(jnp.int32),
-        short=jnp.zeros(short_shape, jnp.float32),
+        short=jnp.zeros((num,) if window is None else (num, window), jnp.float32),
         short_count=per_unit(jnp.int32),
+        lock=per_unit(jnp.int32),
+        risk_steps=per_unit(jnp.int32),
+    )
+    telemetry = GNMRTelemetry(
+        norm=per_unit(jnp.float32),
         gnmr=per_unit(jnp.float32, 1),
         delta_gnmr=per_unit(jnp.float32, 1),
-        lock=per_unit(jnp.int32),
         recovering=per_unit(bool),
         triggers=counter(),
         denied=counter(),
         recovered_steps=counter(),
         nonfinite=counter(),
         rebaselines=counter(),
-        units=UnitNames(partition.names),
     )
+    return GNMRState(control, telemetry, layout)
 
 
-def _window(short: jax.Array) -> int:
-    """Number of norms the short signal holds: 1 for the EMA, else the window."""
-    return 1 if short.ndim == 1 else short.shape[1]
+def _check_layout(state: GNMRState, partition: ot.UnitPartition) -> None:
+    """Raises at trace time unless the updates have the leaves and units of the state."""
+    if state.units is _ANY_PARAMS:
+        raise ValueError(
+            "this GNMR state was initialised from a pytree without leaves (a template for "
+            "optax.tree.map_params); initialise it from the params to train"
+        )
+    mismatch = state.units.mismatch(partition.layout)
+    if mismatch is not None:
+        raise ValueError(
+            f"the updates do not match the GNMR state that init built from the params: {mismatch}"
+        )
 
 
-def _short_mean(state: GNMRState) -> jax.Array:
-    if state.short.ndim == 1:
-        return state.short
-    window = state.short.shape[1]
-    filled = jnp.minimum(state.short_count, window).astype(jnp.float32)
-    return jnp.sum(state.short, axis=1) / jnp.maximum(filled, 1.0)
+# ----------------------------------------------------------------------------- decide
+
+
+class _Risk(NamedTuple):
+    """How each unit's norm compares with its history; every field is (U,)."""
+
+    gnmr: jax.Array  # float32: n_u / (m_u + eps); 1 without history, inf if non-finite
+    delta_gnmr: jax.Array  # float32: n_u / (s_u + eps), likewise
+    score: jax.Array  # float32: ranking score, > 1 means over a bar
+    at_risk: jax.Array  # bool
+
+
+class _Decision(NamedTuple):
+    """What the controller decided for one update; every field is (U,)."""
+
+    finite: jax.Array  # bool
+    entered: jax.Array  # bool: entered recovery at this update
+    denied: jax.Array  # bool: at risk, not locked, refused by the budget
+    recovering: jax.Array  # bool: entered now or still locked
+    lock: jax.Array  # int32: the countdown after this update
+    risk_steps: jax.Array  # int32: consecutive updates at risk, this one included
+    rebaseline: jax.Array  # bool: released at a new level; statistics restart at n_u
+    clip_factor: jax.Array  # float32 in (0, 1]: rescaling that brings n_u to threshold*m_u
+
+
+def _short_mean(control: GNMRControl) -> jax.Array:
+    if control.short.ndim == 1:
+        return control.short
+    window = control.short.shape[1]
+    filled = jnp.minimum(control.short_count, window).astype(jnp.float32)
+    return jnp.sum(control.short, axis=1) / jnp.maximum(filled, 1.0)
 
 
 def _ratio(norm: jax.Array, reference: jax.Array, has_history: jax.Array, eps) -> jax.Array:
@@ -260,42 +370,18 @@ def _ratio(norm: jax.Array, reference: jax.Array, has_history: jax.Array, eps) -
     return jnp.where(jnp.isfinite(norm), ratio, jnp.inf)
 
 
-def _running_mean(
-    mean: jax.Array, value: jax.Array, weight: jax.Array, observe: jax.Array
-) -> jax.Array:
-    return jnp.where(observe, mean + weight * (value - mean), mean)
-
-
-def _fold_in(
-    state: GNMRState, norm: jax.Array, observe: jax.Array, hyper: _Hyper, mean_mode: str
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Folds ``norm`` into the long and short statistics of the units in ``observe``.
-
-    A bias-corrected EMA is a running mean whose k-th weight is
-    ``(1 - decay) / (1 - decay**k)``; the cumulative mean uses ``1 / k``.
-    """
-    safe = jnp.where(observe, norm, 0.0)
-    k = (state.mean_count + 1).astype(jnp.float32)
-    if mean_mode == "cumulative":
-        weight = 1.0 / k
-    else:
-        weight = (1.0 - hyper.decay) / (1.0 - hyper.decay**k)
-    mean = _running_mean(state.mean, safe, weight, observe)
-    mean_count = state.mean_count + observe.astype(jnp.int32)
-
-    if state.short.ndim == 1:
-        k = (state.short_count + 1).astype(jnp.float32)
-        weight = (1.0 - hyper.short_decay) / (1.0 - hyper.short_decay**k)
-        short = _running_mean(state.short, safe, weight, observe)
-    else:
-        window = state.short.shape[1]
-        slot = jax.nn.one_hot(state.short_count % window, window, dtype=bool)
-        short = jnp.where(slot & observe[:, None], safe[:, None], state.short)
-    short_count = state.short_count + observe.astype(jnp.int32)
-    return mean, mean_count, short, short_count
-
-
-# ----------------------------------------------------------------------------- control
+def _assess(norm: jax.Array, control: GNMRControl, hyper: _Hyper) -> _Risk:
+    """GNMR, Delta-GNMR, the ranking score and which units are at risk."""
+    gnmr = _ratio(norm, control.mean, control.mean_count > 0, hyper.eps)
+    delta = _ratio(norm, _short_mean(control), control.short_count > 0, hyper.eps)
+    score = gnmr / hyper.threshold
+    if hyper.delta_threshold is not None:
+        # A rise that still leaves the norm below the unit's own mean is not a climb.
+        climbing = gnmr > 1.0
+        score = jnp.maximum(score, jnp.where(climbing, delta / hyper.delta_threshold, 0.0))
+    past_warmup = control.count >= hyper.warmup_steps
+    at_risk = ~jnp.isfinite(norm) | (past_warmup & (score > 1.0))
+    return _Risk(gnmr, delta, score, at_risk)
 
 
 def _select_within_budget(
@@ -309,78 +395,39 @@ def _select_within_budget(
     return candidate & (rank < free_slots)
 
 
-def _control(
-    partition: ot.UnitPartition,
-    updates: PyTree,
-    state: GNMRState,
-    hyper: _Hyper,
-    mean_mode: str,
-) -> tuple[_Decision, GNMRState]:
-    """Measures the units, applies the budget and lock, and advances the statistics."""
-    if tuple(state.units) != partition.names:
-        raise ValueError(
-            f"the updates' units {partition.names} differ from the state's {tuple(state.units)}"
-        )
-    norm = ot.unit_norms(partition, updates)
+def _decide(norm: jax.Array, risk: _Risk, control: GNMRControl, hyper: _Hyper) -> _Decision:
+    """Applies the budget and the lock, and decides the release and the clip."""
     finite = jnp.isfinite(norm)
-    has_mean = state.mean_count > 0
-    gnmr_ratio = _ratio(norm, state.mean, has_mean, hyper.eps)
-    delta_ratio = _ratio(norm, _short_mean(state), state.short_count > 0, hyper.eps)
-
-    score = gnmr_ratio / hyper.threshold
-    if hyper.delta_threshold is not None:
-        # A rise that still leaves the norm below the unit's own mean is not a climb.
-        climbing = gnmr_ratio > 1.0
-        score = jnp.maximum(score, jnp.where(climbing, delta_ratio / hyper.delta_threshold, 0.0))
-    past_warmup = state.count >= hyper.warmup_steps
-    at_risk = ~finite | (past_warmup & (score > 1.0))
-
-    locked = state.lock > 0
-    candidate = at_risk & ~locked
+    locked = control.lock > 0
+    candidate = risk.at_risk & ~locked
     free_slots = jnp.maximum(hyper.max_recover - jnp.sum(locked, dtype=jnp.int32), 0)
-    entered = _select_within_budget(candidate, score, free_slots)
+    entered = _select_within_budget(candidate, risk.score, free_slots)
     recovering = locked | entered
-    lock = jnp.where(entered, hyper.lock_steps, jnp.maximum(state.lock - 1, 0))
-
-    bar = hyper.threshold * state.mean
-    clip_factor = jnp.where(has_mean & (norm > bar), bar / jnp.maximum(norm, 1e-30), 1.0)
+    lock = jnp.where(entered, hyper.lock_steps, jnp.maximum(control.lock - 1, 0))
+    # A risk that outlasts the lock and _LEVEL_UPDATES is a new level, not a spike:
+    # re-baseline the unit when it is released so that it does not re-enter recovery
+    # for ever.
+    risk_steps = jnp.where(risk.at_risk, jnp.minimum(control.risk_steps + 1, _COUNT_CAP), 0)
+    level_steps = jnp.maximum(hyper.lock_steps + 1, _LEVEL_UPDATES)
+    released = recovering & (lock == 0)
+    rebaseline = released & risk.at_risk & finite & (risk_steps >= level_steps)
+    bar = hyper.threshold * control.mean
+    over = (control.mean_count > 0) & (norm > bar)
+    clip_factor = jnp.where(over, bar / jnp.maximum(norm, 1e-30), 1.0)
     clip_factor = jnp.where(finite, clip_factor, 1.0)
-
-    observe = finite & ~recovering
-    # After warm-up a unit's statistics see at most threshold * m_u, so an at-risk norm
-    # that the budget denied raises the baseline by a bounded factor, not by the spike.
-    capped = jnp.where(past_warmup & has_mean, jnp.minimum(norm, bar), norm)
-    new_mean, mean_count, short, short_count = _fold_in(state, capped, observe, hyper, mean_mode)
-    # A risk that outlasts the lock is a new level, not a spike: re-baseline the unit
-    # when it is released so that it does not re-enter recovery for ever.
-    rebaseline = state.recovering & (lock == 0) & at_risk & finite
-    new_mean = jnp.where(rebaseline, norm, new_mean)
-    short = jnp.where(
-        rebaseline.reshape((-1,) + (1,) * (short.ndim - 1)),
-        norm.reshape((-1,) + (1,) * (short.ndim - 1)),
-        short,
-    )
-    short_count = jnp.where(rebaseline, jnp.maximum(short_count, _window(short)), short_count)
-    count_of = lambda mask: jnp.sum(mask, dtype=jnp.int32)
-    new_state = GNMRState(
-        count=optax.safe_increment(state.count),
-        norm=norm,
-        mean=new_mean,
-        mean_count=mean_count,
-        short=short,
-        short_count=short_count,
-        gnmr=gnmr_ratio,
-        delta_gnmr=delta_ratio,
-        lock=lock,
+    return _Decision(
+        finite=finite,
+        entered=entered,
+        denied=candidate & ~entered,
         recovering=recovering,
-        triggers=state.triggers + count_of(entered),
-        denied=state.denied + count_of(candidate & ~entered),
-        recovered_steps=state.recovered_steps + count_of(recovering),
-        nonfinite=state.nonfinite + count_of(~finite),
-        rebaselines=state.rebaselines + count_of(rebaseline),
-        units=state.units,
+        lock=lock,
+        risk_steps=risk_steps,
+        rebaseline=rebaseline,
+        clip_factor=clip_factor,
     )
-    return _Decision(finite, recovering, entered, clip_factor), new_state
+
+
+# ----------------------------------------------------------------------------- act
 
 
 def _act_on_gradient(
@@ -394,6 +441,155 @@ def _act_on_gradient(
     if "skip" in actions:
         dropped = dropped | decision.recovering
     return ot.zero_units(partition, updates, dropped), dropped
+
+
+# ----------------------------------------------------------------------------- advance
+
+
+def _running_mean(
+    mean: jax.Array, value: jax.Array, weight: jax.Array, observe: jax.Array
+) -> jax.Array:
+    return jnp.where(observe, mean + weight * (value - mean), mean)
+
+
+def _fold_in(
+    control: GNMRControl, norm: jax.Array, observe: jax.Array, hyper: _Hyper, mean_mode: str
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Folds ``norm`` into the long and short statistics of the units in ``observe``.
+
+    A bias-corrected EMA is a running mean whose k-th weight is
+    ``(1 - decay) / (1 - decay**k)``; the cumulative mean uses ``1 / k``.
+    """
+    safe = jnp.where(observe, norm, 0.0)
+    k = (control.mean_count + 1).astype(jnp.float32)
+    if mean_mode == "cumulative":
+        weight = 1.0 / k
+    else:
+        weight = (1.0 - hyper.decay) / (1.0 - hyper.decay**k)
+    mean = _running_mean(control.mean, safe, weight, observe)
+    mean_count = control.mean_count + observe.astype(jnp.int32)
+
+    if control.short.ndim == 1:
+        k = (control.short_count + 1).astype(jnp.float32)
+        weight = (1.0 - hyper.short_decay) / (1.0 - hyper.short_decay**k)
+        short = _running_mean(control.short, safe, weight, observe)
+    else:
+        window = control.short.shape[1]
+        slot = jax.nn.one_hot(control.short_count % window, window, dtype=bool)
+        short = jnp.where(slot & observe[:, None], safe[:, None], control.short)
+    short_count = control.short_count + observe.astype(jnp.int32)
+    return mean, mean_count, short, short_count
+
+
+def _advance(
+    control: GNMRControl, norm: jax.Array, decision: _Decision, hyper: _Hyper, mean_mode: str
+) -> GNMRControl:
+    """The control state after this update: statistics fed, lock counted down."""
+    observe = decision.finite & ~decision.recovering
+    # After warm-up a unit's statistics see at most threshold * m_u, so an at-risk norm
+    # that the budget denied raises the baseline by a bounded factor, not by the spike.
+    past_warmup = control.count >= hyper.warmup_steps
+    bar = hyper.threshold * control.mean
+    capped = jnp.where(past_warmup & (control.mean_count > 0), jnp.minimum(norm, bar), norm)
+    mean, mean_count, short, short_count = _fold_in(control, capped, observe, hyper, mean_mode)
+    # A re-baselined unit's history is its current norm alone (a full short window).
+    restart = decision.rebaseline
+    per_row = (-1,) + (1,) * (short.ndim - 1)
+    window = 1 if short.ndim == 1 else short.shape[1]
+    return GNMRControl(
+        count=optax.safe_increment(control.count),
+        mean=jnp.where(restart, norm, mean),
+        mean_count=mean_count,
+        short=jnp.where(restart.reshape(per_row), norm.reshape(per_row), short),
+        short_count=jnp.where(restart, jnp.maximum(short_count, window), short_count),
+        lock=decision.lock,
+        risk_steps=decision.risk_steps,
+    )
+
+
+def _record(
+    telemetry: GNMRTelemetry, norm: jax.Array, risk: _Risk, decision: _Decision
+) -> GNMRTelemetry:
+    """The telemetry after this update."""
+    count_of = lambda mask: jnp.sum(mask, dtype=jnp.int32)
+    return GNMRTelemetry(
+        norm=norm,
+        gnmr=risk.gnmr,
+        delta_gnmr=risk.delta_gnmr,
+        recovering=decision.recovering,
+        triggers=telemetry.triggers + count_of(decision.entered),
+        denied=telemetry.denied + count_of(decision.denied),
+        recovered_steps=telemetry.recovered_steps + count_of(decision.recovering),
+        nonfinite=telemetry.nonfinite + count_of(~decision.finite),
+        rebaselines=telemetry.rebaselines + count_of(decision.rebaseline),
+    )
+
+
+def _control_step(
+    options: _Options, updates: PyTree, state: GNMRState
+) -> tuple[ot.UnitPartition, _Decision, GNMRState]:
+    """Measures the units of ``updates``, decides, and advances the state."""
+    partition = ot.make_partition(updates, options.units)
+    _check_layout(state, partition)
+    hyper = options.arrays()
+    norm = ot.unit_norms(partition, updates)
+    risk = _assess(norm, state.control, hyper)
+    decision = _decide(norm, risk, state.control, hyper)
+    control = _advance(state.control, norm, decision, hyper, options.mean_mode)
+    telemetry = _record(state.telemetry, norm, risk, decision)
+    return partition, decision, GNMRState(control, telemetry, state.units)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _chained(options: _Options) -> optax.GradientTransformationExtraArgs:
+    """The controller as a transformation of the gradient (:func:`gnmr`)."""
+
+    def init_fn(params: PyTree) -> GNMRState:
+        return _init_state(params, options)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        partition, decision, state = _control_step(options, updates, state)
+        updates, _ = _act_on_gradient(partition, updates, decision, options.actions)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _wrapped(
+    options: _Options, inner: optax.GradientTransformation, reset_warmup_steps: ArrayLike
+) -> optax.GradientTransformationExtraArgs:
+    """The controller around ``inner``, acting on its state too (:func:`gnmr_wrap`)."""
+    inner = optax.with_extra_args_support(inner)
+    resets = "reset" in options.actions
+
+    def init_fn(params: PyTree) -> GNMRWrapState:
+        controller = _init_state(params, options)
+        never_reset = jnp.full(controller.control.lock.shape, _COUNT_CAP, jnp.int32)
+        return GNMRWrapState(gnmr=controller, inner=inner.init(params), reset_age=never_reset)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        partition, decision, control = _control_step(options, updates, state.gnmr)
+        grads, frozen = _act_on_gradient(partition, updates, decision, options.actions)
+        per_parameter = _inner_state.per_parameter_map(inner, partition)
+        inner_state, reset_age = state.inner, state.reset_age
+        if resets:
+            zero = lambda s: _inner_state.zero_leaves(partition, decision.entered, s)
+            inner_state = per_parameter(zero, inner_state)
+            reset_age = jnp.where(decision.entered, 0, jnp.minimum(reset_age + 1, _COUNT_CAP))
+        new_updates, new_inner = inner.update(grads, inner_state, params, **extra_args)
+        # The frozen units' per-parameter statistics stay as they were.
+        keep = lambda new, old: _inner_state.select_leaves(partition, frozen, old, new)
+        new_inner = per_parameter(keep, new_inner, inner_state)
+        if resets:
+            ramp = reset_ramp(reset_age, reset_warmup_steps)
+            new_updates = ot.scale_units(partition, new_updates, ramp)
+        new_updates = ot.zero_units(partition, new_updates, frozen)
+        return new_updates, GNMRWrapState(gnmr=control, inner=new_inner, reset_age=reset_age)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -419,14 +615,18 @@ def gnmr(
     For each unit ``u`` with gradient ``g_u``: ``GNMR_u = ||g_u|| / (m_u + eps)``
     against the long-run mean ``m_u``, ``Delta-GNMR_u = ||g_u|| / (s_u + eps)`` against
     the short-window mean ``s_u``. Units over a threshold enter recovery, at most
-    ``max_recover`` at a time, for ``lock_steps`` steps; see the module docstring for
-    the full rules and what is reconstructed.
+    ``max_recover`` at a time. A lock covers ``lock_steps + 1`` updates: the one that
+    triggered and ``lock_steps`` more, which are also the forward passes for which the
+    unit is published in :func:`recovery_mask`. See the module docstring for the full
+    rules and what is reconstructed.
 
     Args:
       threshold: GNMR bar ``tau`` (> 0); also the clip bar ``tau * m_u``.
       delta_threshold: Delta-GNMR bar (> 0), or ``None`` to use GNMR alone.
       max_recover: budget maxO, the most units in recovery at once (int >= 0).
-      lock_steps: steps a unit stays in recovery after it enters (int >= 0).
+      lock_steps: forward passes a unit stays published in :func:`recovery_mask`
+        after it enters recovery (int >= 1); the lock covers ``lock_steps + 1``
+        updates, the one that triggered and ``lock_steps`` more.
       warmup_steps: updates before any trigger except non-finite ones (int >= 0).
       action: ``"precision"``, ``"clip"``, ``"skip"``, or a tuple of them.
       units: ``None`` (one unit per leaf, named by key path) or a callable
@@ -466,22 +666,7 @@ def gnmr(
     References:
       Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
     """
-    hyper = _Hyper(
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
-    )
-    actions = _configure(hyper, action, mean_mode, short_window, allow_inner=False)
-
-    def init_fn(params: PyTree) -> GNMRState:
-        return _init_state(ot.make_partition(params, units), short_window)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        partition = ot.make_partition(updates, units)
-        decision, state = _control(partition, updates, state, _as_arrays(hyper), mean_mode)
-        updates, _ = _act_on_gradient(partition, updates, decision, actions)
-        return updates, state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _chained(_Options.from_arguments(locals(), allow_inner=False))
 
 
 def gnmr_wrap(
@@ -506,9 +691,10 @@ def gnmr_wrap(
     Same controller as :func:`gnmr`. In addition:
 
     * ``"skip"``: a recovering unit gets a zero update and the inner optimizer's
-      per-parameter state for it (every subtree of the inner state shaped like the
-      params, e.g. Adam's ``mu`` and ``nu``) stays exactly as it was. Scalars shared
-      by all units (Adam's step count) still advance.
+      per-parameter state for it stays exactly as it was. The per-parameter state is
+      what ``optax.tree.map_params`` maps (Adam's ``mu`` and ``nu``); what is shared
+      by all units (Adam's step count, a noise key, injected hyperparameters) still
+      advances, whatever the shape of the params.
     * ``"reset"``: those per-parameter statistics are zeroed for a unit at the update
       where it enters recovery, and its updates are then scaled by SPAM's half-cosine
       ramp from 0.01 to 1 over ``reset_warmup_steps`` updates.
@@ -542,69 +728,10 @@ def gnmr_wrap(
     References:
       Kong, Jia, Zhang et al., GNMR, 2026, https://arxiv.org/abs/2606.00539
     """
-    hyper = _Hyper(
-        threshold, delta_threshold, max_recover, lock_steps, warmup_steps, decay, short_decay, eps
-    )
-    actions = _configure(hyper, action, mean_mode, short_window, allow_inner=True)
+    options = _Options.from_arguments(locals(), allow_inner=True)
     check_count("reset_warmup_steps", reset_warmup_steps)
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params: PyTree) -> GNMRWrapState:
-        control = _init_state(ot.make_partition(params, units), short_window)
-        never_reset = jnp.full(control.lock.shape, _AGE_CAP, jnp.int32)
-        return GNMRWrapState(gnmr=control, inner=inner.init(params), reset_age=never_reset)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        partition = ot.make_partition(updates, units)
-        decision, control = _control(partition, updates, state.gnmr, _as_arrays(hyper), mean_mode)
-        grads, frozen = _act_on_gradient(partition, updates, decision, actions)
-        inner_state, reset_age = state.inner, state.reset_age
-        if "reset" in actions:
-            inner_state = _map_param_like(
-                partition, inner_state, lambda s: ot.zero_units(partition, s, decision.entered)
-            )
-            reset_age = jnp.where(decision.entered, 0, jnp.minimum(reset_age + 1, _AGE_CAP))
-        new_updates, new_inner = inner.update(grads, inner_state, params, **extra_args)
-        new_inner = _freeze_param_like(partition, frozen, inner_state, new_inner)
-        if "reset" in actions:
-            ramp = reset_ramp(reset_age, reset_warmup_steps)
-            new_updates = ot.scale_units(partition, new_updates, ramp)
-        new_updates = ot.zero_units(partition, new_updates, frozen)
-        return new_updates, GNMRWrapState(gnmr=control, inner=new_inner, reset_age=reset_age)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ----------------------------------------------------------------------------- inner state
-
-
-def _is_param_like(partition: ot.UnitPartition, node: Any) -> bool:
-    """A subtree with the params' structure and leaf shapes (e.g. Adam's ``mu``)."""
-    leaves, treedef = jax.tree.flatten(node)
-    if treedef != partition.treedef:
-        return False
-    return all(hasattr(leaf, "shape") for leaf in leaves)
-
-
-def _map_param_like(partition: ot.UnitPartition, inner_state: PyTree, fn) -> PyTree:
-    is_param_like = lambda node: _is_param_like(partition, node)
-    return jax.tree.map(
-        lambda node: fn(node) if is_param_like(node) else node, inner_state, is_leaf=is_param_like
-    )
-
-
-def _freeze_param_like(
-    partition: ot.UnitPartition, frozen: jax.Array, old: PyTree, new: PyTree
-) -> PyTree:
-    """``new`` with the frozen units' per-parameter statistics taken from ``old``."""
-    is_param_like = lambda node: _is_param_like(partition, node)
-
-    def keep_frozen(new_node, old_node):
-        if is_param_like(new_node):
-            return ot.select_units(partition, frozen, old_node, new_node)
-        return new_node
-
-    return jax.tree.map(keep_frozen, new, old, is_leaf=is_param_like)
+    _check_inner(inner)
+    return _wrapped(options, inner, reset_warmup_steps)
 
 
 # ----------------------------------------------------------------------------- telemetry
@@ -624,23 +751,48 @@ def find_gnmr_state(opt_state: PyTree) -> GNMRState:
 
 def _unwrap_variables(state: GNMRState) -> GNMRState:
     """Takes the arrays out of wrappers such as ``flax.nnx.Optimizer``'s ``OptArray``."""
-    unwrap = lambda x: x.get_value() if hasattr(x, "get_value") else x
-    return GNMRState(*(unwrap(getattr(state, f)) for f in GNMRState._fields[:-1]), state.units)
+    if state.units is _ANY_PARAMS:
+        raise ValueError(
+            "this GNMR state was initialised from a pytree without leaves (a template for "
+            "optax.tree.map_params): it has no units"
+        )
+    is_wrapper = lambda x: hasattr(x, "get_value")
+    unwrap = lambda x: x.get_value() if is_wrapper(x) else x
+    return jax.tree.map(unwrap, state, is_leaf=is_wrapper)
 
 
 def _per_unit(state: GNMRState, values: jax.Array) -> dict[str, jax.Array]:
-    return {name: values[..., i] for i, name in enumerate(state.units)}
+    return {name: values[..., i] for i, name in enumerate(state.units.names)}
 
 
 def recovery_mask(opt_state: PyTree) -> dict[str, jax.Array]:
     """``{unit_name: bool}``: the units to run in high precision on the next forward.
 
     A unit is in the mask for the ``lock_steps`` forward passes after it entered
-    recovery. Works on vmapped states (the booleans then have the batch shape).
+    recovery (its lock covers ``lock_steps + 1`` updates: the one that triggered and
+    the ``lock_steps`` whose gradients these forward passes compute). Works on
+    vmapped states (the booleans then have the batch shape).
     :func:`optstab.lowprec.set_high_precision` applies it to a model's quantized layers.
+
+    Example:
+      >>> import jax.numpy as jnp, optstab
+      >>> tx = optstab.gnmr(warmup_steps=2, lock_steps=2, action="precision")
+      >>> ones = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> state = tx.init(ones)
+      >>> for _ in range(3):
+      ...     _, state = tx.update(ones, state)
+      >>> _, state = tx.update({"a": 50.0 * jnp.ones(3), "b": jnp.ones(2)}, state)
+      >>> {k: bool(v) for k, v in optstab.recovery_mask(state).items()}
+      {'a': True, 'b': False}
+      >>> published = []  # for the lock_steps = 2 forward passes after the spike
+      >>> for _ in range(3):
+      ...     published.append(bool(optstab.recovery_mask(state)["a"]))
+      ...     _, state = tx.update(ones, state)
+      >>> published
+      [True, True, False]
     """
     state = find_gnmr_state(opt_state)
-    return _per_unit(state, state.lock > 0)
+    return _per_unit(state, state.control.lock > 0)
 
 
 def gnmr_metrics(opt_state: PyTree) -> dict[str, Any]:
@@ -650,20 +802,36 @@ def gnmr_metrics(opt_state: PyTree) -> dict[str, Any]:
       A dict with per-unit dicts ``gnmr``, ``delta_gnmr``, ``norm``, ``mean``,
       ``recovering`` (units acted on in the last update) and ``lock``, and the
       scalars ``num_recovering`` and the cumulative counters ``triggers``,
-      ``denied``, ``recovered_steps``, ``nonfinite`` and ``rebaselines``.
+      ``denied``, ``recovered_steps``, ``nonfinite`` and ``rebaselines``. On
+      vmapped states every value has the batch shape.
+
+    Example:
+      >>> import jax.numpy as jnp, optstab
+      >>> tx = optstab.gnmr(warmup_steps=2)
+      >>> ones = {"a": jnp.ones(3), "b": jnp.ones(2)}
+      >>> state = tx.init(ones)
+      >>> for _ in range(3):
+      ...     _, state = tx.update(ones, state)
+      >>> _, state = tx.update({"a": 50.0 * jnp.ones(3), "b": jnp.ones(2)}, state)
+      >>> metrics = optstab.gnmr_metrics(state)
+      >>> float(metrics["gnmr"]["a"]), float(metrics["gnmr"]["b"])  # norm / mean norm
+      (50.0, 1.0)
+      >>> bool(metrics["recovering"]["a"]), int(metrics["triggers"]), int(metrics["denied"])
+      (True, 1, 0)
     """
     state = find_gnmr_state(opt_state)
+    control, telemetry = state.control, state.telemetry
     return {
-        "gnmr": _per_unit(state, state.gnmr),
-        "delta_gnmr": _per_unit(state, state.delta_gnmr),
-        "norm": _per_unit(state, state.norm),
-        "mean": _per_unit(state, state.mean),
-        "recovering": _per_unit(state, state.recovering),
-        "lock": _per_unit(state, state.lock),
-        "num_recovering": jnp.sum(state.recovering, axis=-1, dtype=jnp.int32),
-        "triggers": state.triggers,
-        "denied": state.denied,
-        "recovered_steps": state.recovered_steps,
-        "nonfinite": state.nonfinite,
-        "rebaselines": state.rebaselines,
+        "gnmr": _per_unit(state, telemetry.gnmr),
+        "delta_gnmr": _per_unit(state, telemetry.delta_gnmr),
+        "norm": _per_unit(state, telemetry.norm),
+        "mean": _per_unit(state, control.mean),
+        "recovering": _per_unit(state, telemetry.recovering),
+        "lock": _per_unit(state, control.lock),
+        "num_recovering": jnp.sum(telemetry.recovering, axis=-1, dtype=jnp.int32),
+        "triggers": telemetry.triggers,
+        "denied": telemetry.denied,
+        "recovered_steps": telemetry.recovered_steps,
+        "nonfinite": telemetry.nonfinite,
+        "rebaselines": telemetry.rebaselines,
     }

@@ -1,5 +1,8 @@
 """Unit partitions for GNMR: which parameter elements are watched and recovered together.
 
+These helpers build on :mod:`optstab.tree`, which turns a units spec into the
+:class:`optstab.tree.UnitPartition` that every per-unit method shares.
+
 A units spec is ``None`` (one unit per leaf, named by its '/'-joined key path) or a
 callable ``params -> labels`` returning, for every leaf, a unit name or a sequence
 of names (one per index along axis 0, for stacked layers). The helpers here build
@@ -38,18 +41,30 @@ def _relabel(tree: PyTree, name_of: Callable[[str, Any], Any]) -> PyTree:
 
 
 def by_regex(rules: Mapping[str, str], default: str | None = None) -> Labeler:
-    """Units from regular expressions over leaf key paths.
+    r"""Units from regular expressions over leaf key paths.
 
     Args:
       rules: ordered mapping ``pattern -> unit name``. A leaf belongs to the first
         pattern that ``re.search``-es its key path; the name may use the match's
-        groups (``r"\\1"``), so ``{r"^(layer\\d+)/": r"\\1"}`` groups each layer's
+        groups (``r"\1"``), so ``{r"^(layer\d+)/": r"\1"}`` groups each layer's
         leaves into one unit.
       default: unit name for leaves that match no pattern; ``None`` keeps their own
         key path as the unit name.
 
     Returns:
       A callable ``params -> labels`` for the ``units=`` argument.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optstab import units
+      >>> params = {"layer0": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)},
+      ...           "layer1": {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)},
+      ...           "head": jnp.zeros((3, 2))}
+      >>> labels = units.by_regex({r"^(layer\d+)/": r"\1"})(params)
+      >>> labels["layer1"], labels["head"]  # "head" matches no rule: its own key path
+      ({'b': 'layer1', 'w': 'layer1'}, 'head')
+      >>> units.by_regex({r"^layer": "body"}, default="rest")(params)["head"]
+      'rest'
     """
     compiled = [(re.compile(pattern), name) for pattern, name in rules.items()]
 
@@ -68,6 +83,16 @@ def by_depth(depth: int) -> Labeler:
 
     ``by_depth(1)`` on ``{"l1": {"w", "b"}, "l2": {...}}`` gives units ``l1`` and
     ``l2``, each covering its weight and bias.
+
+    Raises:
+      ValueError: unless ``depth`` is an int >= 1.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optstab import units
+      >>> params = {"l1": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "out": jnp.zeros(3)}
+      >>> units.by_depth(1)(params)
+      {'l1': {'b': 'l1', 'w': 'l1'}, 'out': 'out'}
     """
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an int >= 1, got {depth!r}")
@@ -86,6 +111,14 @@ def stacked(pattern: str, base: Labeler | None = None) -> Labeler:
 
     Returns:
       A callable ``params -> labels`` for the ``units=`` argument.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optstab import units
+      >>> params = {"blocks": {"w": jnp.zeros((3, 4, 4)), "b": jnp.zeros((3, 4))}}
+      >>> labels = units.stacked(r"^blocks/", units.by_depth(1))(params)
+      >>> labels["blocks"]["w"], labels["blocks"]["b"]
+      (('blocks/0', 'blocks/1', 'blocks/2'), ('blocks/0', 'blocks/1', 'blocks/2'))
     """
     compiled = re.compile(pattern)
 
@@ -107,5 +140,20 @@ def stacked(pattern: str, base: Labeler | None = None) -> Labeler:
 
 
 def named(labels: Sequence[str] | PyTree) -> Labeler:
-    """A units spec from a fixed labels pytree (same structure as the params)."""
+    """A units spec from a fixed labels pytree (same structure as the params).
+
+    Each leaf of ``labels`` is a unit name, or a sequence of names (one per index
+    along the leaf's axis 0). The same labels are used whatever the params, so use it
+    only with the params it was written for (``optax.tree.map_params`` works on
+    :func:`optstab.gnmr` states whatever the units).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optstab
+      >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2), "emb": jnp.zeros((5, 2))}
+      >>> spec = optstab.units.named({"w": "dense", "b": "dense", "emb": "embedding"})
+      >>> state = optstab.gnmr(units=spec).init(params)
+      >>> sorted(optstab.recovery_mask(state))
+      ['dense', 'embedding']
+    """
     return lambda _params: labels
