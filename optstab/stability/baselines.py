@@ -779,7 +779,8 @@ def skip_step(
     with :math:`n` the number of recorded steps and :math:`k` = ``num_sigma``. A skipped
     step outputs zero updates and leaves the inner state bit-for-bit as it was (no
     moment or count advance); otherwise the inner transform runs as usual. Extra
-    arguments, ``loss`` included, are passed on to ``inner``.
+    arguments, ``loss`` included, are passed on to ``inner``. The gradient norm of complex
+    leaves is that of :math:`|z|`.
 
     What the window records: the values of accepted steps, so that a spike does not
     widen the band that judges the next steps. A lasting shift of the monitored values
