@@ -81,14 +81,15 @@ Ours:
   to zero and clip that tensor to zero for good.
 * skip-step: the window holds the values of *accepted* steps, so a spike does not widen
   the band that judges the next step (OLMo-core, Levanter and MaxText record every step,
-  so one 1000x spike lets any spike up to ~100x through for the next ``window`` steps).
-  To learn a lasting shift instead of skipping for good, the window also records skipped
-  (finite) values once ``shift_patience`` (16) steps in a row have been skipped;
-  ``shift_patience=0`` records every step, as the references do. No floor on the
+  so one 1000x spike among values ~1 lets any spike up to ~500x through for the next
+  ``window`` steps). To learn a lasting shift instead of skipping for good, the window
+  also records skipped (finite) values once ``shift_patience`` (16) steps in a row have
+  been skipped; ``shift_patience=0`` records every step, as the references do. No floor on the
   standard deviation (Levanter's is 1e-6; OLMo-core and MaxText have none) and the
   sample standard deviation of OLMo-core and MaxText (Levanter's is the population one).
 * Statistics are float32 (complex64 for SPAM's first moment of complex parameters)
-  whatever the parameter dtype; the references keep them in the parameter dtype.
+  whatever the parameter dtype; the references keep them in the parameter dtype
+  (ZClip's in Python floats).
 * Complex parameters: every norm and every second moment is taken of ``|z|``, SPAM's
   first moment is complex and its clip keeps the phase (``sign(z) = z / |z|``), as
   ``optax.adam`` does for complex parameters.
