@@ -303,21 +303,23 @@ def _sharded_results_of(case, r):
 SHARDED_RTOL, SHARDED_ATOL = 1e-5, 1e-6
 
 
-def test_sharded_matches_single_device(case, sharded_results):
-    r = _sharded_results_of(case, sharded_results)
-    name = case.name
+def _assert_matches_single_device(r, name: str, run: str) -> None:
+    """The 8-device ``run``'s final parameters and losses are the 1-device run's."""
     for leaf in ("a", "w"):
         np.testing.assert_allclose(
-            r[f"{name}/sharded/{leaf}"],
+            r[f"{name}/{run}/{leaf}"],
             r[f"{name}/single/{leaf}"],
             rtol=SHARDED_RTOL,
             atol=SHARDED_ATOL,
         )
-    np.testing.assert_allclose(
-        r[f"{name}/loss/sharded"], r[f"{name}/loss/single"], rtol=SHARDED_RTOL
-    )
-    assert r[f"{name}/loss/single"][-1] < r[f"{name}/loss/single"][0]
-    assert bool(r[f"{name}/w_still_sharded"]), "the update replicated the sharded leaf w"
+    np.testing.assert_allclose(r[f"{name}/loss/{run}"], r[f"{name}/loss/single"], rtol=SHARDED_RTOL)
+
+
+def test_sharded_matches_single_device(case, sharded_results):
+    r = _sharded_results_of(case, sharded_results)
+    _assert_matches_single_device(r, case.name, "sharded")
+    assert r[f"{case.name}/loss/single"][-1] < r[f"{case.name}/loss/single"][0]
+    assert bool(r[f"{case.name}/w_still_sharded"]), "the update replicated the sharded leaf w"
 
 
 def test_explicit_sharding_keeps_state_types_in_scan(case, sharded_results):
@@ -329,16 +331,7 @@ def test_explicit_sharding_keeps_state_types_in_scan(case, sharded_results):
         pytest.fail(f"explicit-sharding run raised:\n{r[f'{name}/explicit/error']}", pytrace=False)
     changes = str(r[f"{name}/explicit/type_changes"])
     assert not changes, f"an update changes the state's types:\n{changes}"
-    for leaf in ("a", "w"):  # the same computation as the propagated-sharding run
-        np.testing.assert_allclose(
-            r[f"{name}/explicit/{leaf}"],
-            r[f"{name}/single/{leaf}"],
-            rtol=SHARDED_RTOL,
-            atol=SHARDED_ATOL,
-        )
-    np.testing.assert_allclose(
-        r[f"{name}/loss/explicit"], r[f"{name}/loss/single"], rtol=SHARDED_RTOL
-    )
+    _assert_matches_single_device(r, name, "explicit")  # the same computation, typed
 
 
 # ------------------------------------------------ properties of optax's shared tests
