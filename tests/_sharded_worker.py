@@ -7,15 +7,21 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu``:
 
 (The ``sharded_results`` fixture starts it in the background at collection time.)
 
-For each case it runs ``STEPS`` jitted steps of the quadratic problem twice: with
-every array on one device, and with leaf ``w`` (leading dim 8) sharded over a 1-D
-mesh of 8 devices and the other leaves replicated. Keys written per case ``c``:
+For each case it runs ``STEPS`` jitted steps of the quadratic problem three times:
+with every array on one device; with leaf ``w`` (leading dim 8) sharded over a 1-D
+mesh of 8 devices and the other leaves replicated (sharding propagated by XLA); and
+the same under an *explicit-sharding* mesh (``jax.set_mesh``, shardings in the types,
+as in optax's ``sharding_test``), where ``lax.scan`` requires the optimizer state to
+keep its type, sharding included, across an update. Keys written per case ``c``:
 
 * ``c/missing``: why the case was skipped (then nothing else), or
 * ``c/error``: the traceback if running the case raised, or
-* ``c/single/<leaf>``, ``c/sharded/<leaf>``: final parameters,
-  ``c/loss/single``, ``c/loss/sharded``: the loss before each step,
-  ``c/w_still_sharded``: whether the final ``w`` kept the input sharding.
+* ``c/single/<leaf>``, ``c/sharded/<leaf>``, ``c/explicit/<leaf>``: final parameters,
+  ``c/loss/single``, ``c/loss/sharded``, ``c/loss/explicit``: the loss before each step,
+  ``c/w_still_sharded``: whether the final ``w`` kept the input sharding,
+* ``c/explicit/type_changes``: the state leaves whose type (shape, dtype, sharding)
+  an update changes, per ``jax.eval_shape`` under the explicit mesh (empty if none),
+  ``c/explicit/error``: the traceback if the explicit-sharding run raised.
 
 It also checks an orbax round trip of a sharded state (``ckpt/...`` keys).
 """
@@ -33,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conformance as cf  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 STEPS = 12
 SPIKE_AT = 8  # after the GNMR warmup used by the cases, so recovery runs sharded too
@@ -65,6 +71,45 @@ def run_case(case, mesh, out):
     out[f"{case.name}/w_still_sharded"] = np.asarray(
         sharded["w"].sharding.is_equivalent_to(sharded_in["w"].sharding, 2)
     )
+
+
+def _describe(x) -> tuple:
+    """Shape, dtype, partition spec and weak type of an array or ``ShapeDtypeStruct``."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        spec = x.sharding.spec if x.sharding is not None else None
+        return (x.shape, str(x.dtype), spec, x.weak_type)
+    aval = jax.typeof(x)
+    return (aval.shape, str(aval.dtype), aval.sharding.spec, aval.weak_type)
+
+
+def _type_changes(tx, params) -> str:
+    """State leaves whose type (shape, dtype, sharding) one update changes.
+
+    As optax's ``sharding_test``: ``init`` runs eagerly under the mesh; the update's
+    output types come from tracing it (``jax.eval_shape``, no compilation).
+    """
+    state0 = tx.init(params)
+    _, state1 = jax.eval_shape(tx.update, params, state0, params)
+    flat0 = jax.tree_util.tree_flatten_with_path(state0)[0]
+    changes = [
+        f"{jax.tree_util.keystr(path)}: {_describe(a)} -> {_describe(b)}"
+        for (path, a), b in zip(flat0, jax.tree.leaves(state1), strict=True)
+        if _describe(a) != _describe(b)
+    ]
+    return "\n".join(changes)
+
+
+def run_case_explicit(case, mesh, out):
+    """The sharded run again, with the shardings in the types (an explicit mesh)."""
+    tx = cf.get_tx(case)
+    params = cf.init_params("quadratic", 0)
+    with jax.set_mesh(mesh):
+        sharded_in = shard_params(params, mesh)
+        out[f"{case.name}/explicit/type_changes"] = np.asarray(_type_changes(tx, sharded_in))
+        final, _, aux = cf.train(tx, "quadratic", sharded_in, steps=STEPS, spike_at=SPIKE_AT)
+    for leaf in params:
+        out[f"{case.name}/explicit/{leaf}"] = np.asarray(final[leaf])
+    out[f"{case.name}/loss/explicit"] = np.asarray(aux["loss"])
 
 
 def checkpoint_round_trip(mesh, ckpt_dir, out):
@@ -120,6 +165,7 @@ def main(npz_path: str, ckpt_dir: str) -> None:
     if jax.device_count() != NUM_DEVICES:
         raise SystemExit(f"expected {NUM_DEVICES} devices, got {jax.devices()}")
     mesh = Mesh(np.array(jax.devices()), ("d",))
+    explicit_mesh = jax.make_mesh((NUM_DEVICES,), ("d",), axis_types=(AxisType.Explicit,))
     out: dict[str, np.ndarray] = {}
     for case in cf.CASES:
         reason = case.missing()
@@ -130,6 +176,10 @@ def main(npz_path: str, ckpt_dir: str) -> None:
             run_case(case, mesh, out)
         except Exception:  # reported by the test of this case
             out[f"{case.name}/error"] = np.asarray(traceback.format_exc())
+        try:
+            run_case_explicit(case, explicit_mesh, out)
+        except Exception:
+            out[f"{case.name}/explicit/error"] = np.asarray(traceback.format_exc())
     try:
         checkpoint_round_trip(mesh, ckpt_dir, out)
     except Exception:
