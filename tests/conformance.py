@@ -209,9 +209,9 @@ _BASE = "optstab.stability.baselines"
 CASES: tuple[Case, ...] = (
     # Reference: plain optax, so that failures of the suite itself are visible.
     _case("adam", (lambda lr: optax.adam(lr), _injected_adam), **_OK),
-    _case("gnmr_clip", _gnmr_chain(("precision", "clip")), _GNMR),
-    _case("gnmr_wrap_skip", _gnmr_wrap(("skip",)), _GNMR_WRAP),
-    _case("gnmr_wrap_reset", _gnmr_wrap(("clip", "reset")), _GNMR_WRAP),
+    _case("gnmr_clip", _gnmr_chain(("precision", "clip")), _GNMR, **_OK),
+    _case("gnmr_wrap_skip", _gnmr_wrap(("skip",)), _GNMR_WRAP, **_OK),
+    _case("gnmr_wrap_reset", _gnmr_wrap(("clip", "reset")), _GNMR_WRAP, **_OK),
     _case("spam", _spam(), (_BASE, "spam"), **_OK),
     _case("zclip", _chained_baseline("zclip", ZCLIP_KW), (_BASE, "zclip"), **_OK),
     _case("adagc", _chained_baseline("adagc", ADAGC_KW), (_BASE, "adagc"), **_OK),
