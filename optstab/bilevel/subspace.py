@@ -101,14 +101,29 @@ def lift(probes: PyTree, coordinates: PyTree) -> PyTree:
     return _map(lambda p, b: b if p is None else p @ b, probes, coordinates)
 
 
-def lift_descend(probes: PyTree, tree: PyTree, coordinates: PyTree, lr: jax.Array) -> PyTree:
-    """``tree - lr * P B`` leaf by leaf, in float32, kept in ``tree``'s dtype."""
+def lift_descend(
+    probes: PyTree, tree: PyTree, coordinates: PyTree, lr: jax.Array, scales: PyTree = None
+) -> PyTree:
+    """``tree - lr * s * P B`` leaf by leaf, in float32, kept in ``tree``'s dtype.
 
-    def update(p, t, b):
+    ``scales`` holds one Python float ``s`` per leaf of ``tree`` (``None``: all 1).
+    """
+    if scales is None:
+        scales = jax.tree.map(lambda _: 1.0, tree)
+
+    def update(p, t, b, s):
         step = b if p is None else p @ b
-        return (t.astype(jnp.float32) - lr * step).astype(t.dtype)
+        return (t.astype(jnp.float32) - (lr * s) * step).astype(t.dtype)
 
-    return _map(update, probes, tree, coordinates)
+    return _map(update, probes, tree, coordinates, scales)
+
+
+def second_moment(rows: int, rank: int) -> float:
+    """``E||P P^T v||^2 / ||v||^2 = 1 + (rows - 1) / rank`` for an ``rows x rank``
+    Rademacher probe ``P`` (entries ``+-1/sqrt(rank)``) and any ``v``: the diagonal of
+    ``P P^T`` is 1 and each of its ``rows - 1`` off-diagonal entries per row has
+    variance ``1 / rank``."""
+    return 1.0 + (rows - 1) / rank
 
 
 # ----------------------------------------------------------------------- factored evaluation
