@@ -144,6 +144,7 @@ P1 = subspace.rademacher(jax.random.key(1), M, R)
 P2 = subspace.rademacher(jax.random.key(2), M, R)
 B1 = jnp.asarray(0.1 * _RNG.standard_normal((R, N)), jnp.float32)
 B2 = jnp.asarray(0.1 * _RNG.standard_normal((R, N)), jnp.float32)
+A3_COLS = jnp.asarray(_RNG.standard_normal((2, 3, N)), jnp.float32)  # contracts W's columns
 
 
 def _bf16_layer(w):
@@ -162,13 +163,23 @@ FACTORED_USES = {
     "sum_square": lambda w: jnp.sum(jnp.square(w)),
     "sum_mul_self": lambda w: jnp.sum(w * w),
     "layer_and_decay": lambda w: jnp.sum(jnp.tanh(A2 @ w)) + 0.1 * jnp.sum(w**2),
+    # W contracted on its columns, W on either side of the product, transposes:
+    "transpose": lambda w: jnp.sum(jnp.tanh(A3_COLS[0] @ w.T)),
+    "transpose_left": lambda w: jnp.sum(jnp.tanh(w.T @ A2.T)),
+    "einsum_rows": lambda w: jnp.sum(jnp.tanh(jnp.einsum("bnm,mk->bnk", A3, w))),
+    "einsum_rows_w_first": lambda w: jnp.sum(jnp.tanh(jnp.einsum("mk,bnm->bkn", w, A3))),
+    "einsum_columns": lambda w: jnp.sum(jnp.tanh(jnp.einsum("bnk,mk->bnm", A3_COLS, w))),
+    "einsum_columns_w_first": lambda w: jnp.sum(jnp.tanh(jnp.einsum("mk,bnk->mbn", w, A3_COLS))),
+    "dot_general_columns": lambda w: jnp.sum(
+        jnp.tanh(jax.lax.dot_general(w, A3_COLS, (((1,), (2,)), ((), ()))))
+    ),
 }
 # Uses that must fall back to the dense sum (still exact).
 DENSE_USES = {
-    "transpose": lambda w: jnp.sum(jnp.tanh(A2[:, :N] @ w.T)),
     "row_lookup": lambda w: jnp.sum(jnp.tanh(w[0])),
     "partial_sum_of_squares": lambda w: jnp.sum(jnp.sqrt(jnp.sum(w**2, axis=0))),
     "elementwise": lambda w: jnp.sum(jnp.sin(w)),
+    "batch_axis_on_w": lambda w: jnp.sum(jnp.tanh(jnp.einsum("mk,mk->m", w, jnp.cos(W)))),
 }
 
 
@@ -207,6 +218,7 @@ def _largest_b_dependent_value(closed: jex.ClosedJaxpr) -> int:
 # uses exercise what differs with two: the dot loop, the cross terms of the sum of
 # squares, casts of both factors, and the dense fallback.
 TWO_FACTOR_USES = ["matmul_2d", "bf16_cast", "sum_pow2", "layer_and_decay", "transpose"]
+TWO_FACTOR_USES += ["einsum_rows_w_first", "einsum_columns", "row_lookup"]
 CASES = [(use, False) for use in list(FACTORED_USES) + list(DENSE_USES)]
 CASES += [(use, True) for use in TWO_FACTOR_USES]
 
@@ -275,6 +287,92 @@ def test_call_factored_passes_pytrees_and_plain_leaves_through():
     np.testing.assert_array_equal(bias, b)
     # A factored leaf returned as is comes back dense.
     np.testing.assert_allclose(subspace.call_factored(lambda w: w, factored), factored.dense())
+
+
+# ------------------------------------------------- a transformer block written with einsum
+#
+# A pre-norm attention block plus MLP, its projections written the ways models write
+# them: einsum with the weight on either side, contracted on its rows or (weights
+# stored output-first) its columns, a plain matmul, and a transposed weight. Tokens
+# and widths are chosen so that every activation (3 x 48 at most) is smaller than the
+# smallest weight (24 x 32): a B-dependent array of a weight's size would be a dense
+# m x n product of a projected leaf.
+
+WIDTH, HEAD, HIDDEN, TOKENS, BLOCK_RANK = 32, 24, 48, 3, 4
+BLOCK_SHAPES = {
+    "wq": (WIDTH, HEAD),  # einsum('bnd,dh->bnh', x, wq)
+    "wk": (HEAD, WIDTH),  # stored output-first: einsum('bnd,hd->bnh', x, wk)
+    "wv": (WIDTH, HEAD),  # weight first, head-major result: einsum('dh,bnd->bhn', wv, x)
+    "wo": (HEAD, WIDTH),  # einsum('bnh,hd->bnd', attended, wo)
+    "w1": (WIDTH, HIDDEN),  # x @ w1
+    "w2": (WIDTH, HIDDEN),  # used transposed: h @ w2.T
+}
+
+
+def _block(params, x):
+    def norm(a):
+        return (a - a.mean(-1, keepdims=True)) * jax.lax.rsqrt(a.var(-1, keepdims=True) + 1e-5)
+
+    h = norm(x)
+    q = jnp.einsum("bnd,dh->bnh", h, params["wq"])
+    k = jnp.einsum("bnd,hd->bnh", h, params["wk"])
+    v = jnp.einsum("dh,bnd->bhn", params["wv"], h)
+    weights = jax.nn.softmax(jnp.einsum("bnh,bmh->bnm", q, k) / np.sqrt(HEAD), axis=-1)
+    attended = jnp.einsum("bnm,bhm->bnh", weights, v)
+    x = x + jnp.einsum("bnh,hd->bnd", attended, params["wo"])
+    x = x + jax.nn.gelu(norm(x) @ params["w1"]) @ params["w2"].T
+    return jnp.sum(jnp.tanh(x)) + 1e-3 * sum(jnp.sum(w**2) for w in params.values())
+
+
+def _block_setup():
+    rng = np.random.default_rng(7)
+    base = {
+        name: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[0]), jnp.float32)
+        for name, shape in BLOCK_SHAPES.items()
+    }
+    probes = subspace.draw_probes(jax.random.key(3), base, BLOCK_RANK)
+    coordinates = [
+        {
+            name: jnp.asarray(0.1 * rng.standard_normal((BLOCK_RANK, shape[1])), jnp.float32)
+            for name, shape in BLOCK_SHAPES.items()
+        }
+        for _ in range(2)
+    ]
+    x = jnp.asarray(rng.standard_normal((1, TOKENS, WIDTH)), jnp.float32)
+    return base, probes, coordinates, x
+
+
+def test_einsum_transformer_block_keeps_every_projection_factored():
+    base, probes, (first, second), x = _block_setup()
+    assert all(p is not None for p in jax.tree.leaves(probes.left))  # all projected
+
+    def factored_loss(b1, b2):
+        shifted = subspace.shifted(base, probes, b1, b2, factored=True)
+        return subspace.call_factored(_block, shifted, x)
+
+    value, (grad1, grad2) = jax.jit(jax.value_and_grad(factored_loss, argnums=(0, 1)))(
+        first, second
+    )
+    # The dense path: the shifted weights formed, the block differentiated as written.
+    shifted = subspace.shifted(base, probes, first, second, factored=False)
+    dense_value, dense_grad = jax.jit(jax.value_and_grad(_block))(shifted, x)
+    # float32 reassociation: both paths sum the same products in another order (x W0 +
+    # (x P) B vs x (W0 + P B)), sums of at most ~100 terms of size ~1 per layer, over
+    # 6 layers and a softmax (Lipschitz ~1): ~6 * 100 * 6e-8 = 4e-5 of the scale.
+    np.testing.assert_allclose(value, dense_value, rtol=1e-4)
+    for name in BLOCK_SHAPES:
+        g = np.asarray(dense_grad[name], np.float64)
+        scale = np.abs(g).max()
+        for coords_grad, probe in ((grad1, probes.left), (grad2, probes.right)):
+            want = np.asarray(probe[name], np.float64).T @ g
+            np.testing.assert_allclose(
+                coords_grad[name] / scale, want / scale, rtol=0, atol=1e-4, err_msg=name
+            )
+
+    closed = jax.make_jaxpr(jax.value_and_grad(factored_loss, argnums=(0, 1)))(first, second)
+    smallest_weight = min(int(np.prod(shape)) for shape in BLOCK_SHAPES.values())
+    largest = _largest_b_dependent_value(closed)
+    assert largest < smallest_weight, f"a weight-sized ({largest}) array depends on B"
 
 
 # ----------------------------------------------------------- memory of a BROS step
