@@ -57,6 +57,26 @@ def test_restrict_and_lift_are_adjoint_projections():
     np.testing.assert_allclose(stepped["b"], 0.5 * np.ones(2))
 
 
+def test_low_rank_descent_runs_in_place_and_matches_the_product():
+    m, n, r = 256, 128, 8
+    rng = np.random.default_rng(2)
+    t = rng.standard_normal((m, n)).astype(np.float32)
+    p = np.asarray(subspace.rademacher(jax.random.key(5), m, r))
+    b = rng.standard_normal((r, n)).astype(np.float32)
+    update = jax.jit(
+        lambda t_, p_, b_: subspace.subtract_low_rank(t_, p_, b_, 0.3), donate_argnums=0
+    )
+    got = update(jnp.asarray(t), p, b)
+    want = t.astype(np.float64) - 0.3 * p.astype(np.float64) @ b
+    # r float32 rank-one updates, each rounding once (<= eps/2 of |t| + |0.3 p_k b_k|):
+    # |error| <= r * eps * (|t| + 0.3 |b| / sqrt(r)) ~ 8 * 1.2e-7 * 4 = 4e-6.
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-6 * np.abs(want).max())
+    # In place: XLA needs no m x n temporary (a matrix product P @ B would need one).
+    stats = update.lower(jnp.asarray(t), p, b).compile().memory_analysis()
+    assert stats.temp_size_in_bytes < m * n * 4 // 4, stats.temp_size_in_bytes
+    assert stats.alias_size_in_bytes == m * n * 4
+
+
 # ------------------------------------------------------------- estimator statistics
 #
 # Every check below compares a Monte Carlo mean over NUM_DRAWS probe draws with its
