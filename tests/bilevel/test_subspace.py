@@ -48,12 +48,17 @@ def test_restrict_and_lift_are_adjoint_projections():
     probes = subspace.draw_probes(jax.random.key(1), y, rank=2)
     p = np.asarray(probes.left["w"], np.float64)
     coords = subspace.restrict(probes.left, t)
-    np.testing.assert_allclose(coords["w"], p.T @ np.asarray(t["w"]), rtol=1e-6)
+    # float32 sums of 6 products of size <= 3 / sqrt(2) = 2.1 (|t| <= ~3), against
+    # float64 on the same (float32) probes: <= 6 * 2^-24 * (6 * 2.1) = 4.6e-6 per entry
+    # at worst, hence atol 5e-6; P P^T t chains two such sums (atol 1e-5).
+    np.testing.assert_allclose(coords["w"], p.T @ np.asarray(t["w"]), rtol=1e-6, atol=5e-6)
     np.testing.assert_array_equal(coords["b"], t["b"])  # full-space leaf: unchanged
     lifted = subspace.lift(probes.left, coords)
-    np.testing.assert_allclose(lifted["w"], p @ p.T @ np.asarray(t["w"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lifted["w"], p @ p.T @ np.asarray(t["w"]), rtol=1e-5, atol=1e-5)
+    # lift_descend: t - 0.5 P B by rank-one updates (2 roundings per entry) against the
+    # float32 lift above (one product of 2 terms): a few 2^-24 of |t| + |P B| (~5).
     stepped = subspace.lift_descend(probes.left, t, coords, jnp.float32(0.5))
-    np.testing.assert_allclose(stepped["w"], t["w"] - 0.5 * lifted["w"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stepped["w"], t["w"] - 0.5 * lifted["w"], rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(stepped["b"], 0.5 * np.ones(2))
 
 
@@ -128,13 +133,30 @@ def _scores(samples, expected):
 
 def test_probe_outer_product_has_identity_mean(estimator_samples):
     *_, ppt = estimator_samples
-    # The diagonal of P P^T is exactly sum_k (1/sqrt r)^2 = 1 for Rademacher probes.
+    # The diagonal of P P^T is exactly sum_k (1/sqrt r)^2 = 1 for Rademacher probes; in
+    # float32, 1/sqrt(3) is rounded and 3 squares summed: within 3 * 2^-24 = 2e-7.
     diagonal = ppt[:, np.arange(ROWS), np.arange(ROWS)]
     np.testing.assert_allclose(diagonal, 1.0, rtol=1e-6)
     off = ~np.eye(ROWS, dtype=bool)
     scores = _scores(ppt, np.eye(ROWS))[off]
     assert scores.max() < MAX_SCORE, scores.max()
-    assert ppt.std(axis=0)[off].min() > 0.3  # the off-diagonal entries really are random
+    # The off-diagonal entries really are random: their std is 1/sqrt(3) = 0.577, and
+    # a sample std over 2000 draws is within 5 standard errors (5 / sqrt(2 * 2000) = 8%)
+    # of it for all 90 entries, so > 0.53 > 0.3.
+    assert ppt.std(axis=0)[off].min() > 0.3
+
+
+def test_probe_second_moment_is_k_times_identity(estimator_samples):
+    # E[(P P^T)^2] = k I with k = 1 + (m - 1) / r (the rank rule of bros), scored like
+    # the means above (the same union bound over the 100 entries).
+    *_, ppt = estimator_samples
+    squares = ppt @ ppt
+    k = subspace.second_moment(ROWS, RANK)
+    assert k == 1 + (ROWS - 1) / RANK
+    scores = _scores(squares, k * np.eye(ROWS))
+    assert scores.max() < MAX_SCORE, scores.max()
+    # The single-probe bias prediction below uses the general E[M X M]; with X = I it
+    # is this k I.
 
 
 def test_bi_probe_estimator_is_unbiased(estimator_samples):
@@ -254,9 +276,15 @@ def test_call_factored_matches_dense_value_and_projected_gradient(use, two_facto
     value, (grad1, grad2) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(B1, B2)
     dense_value, dense_grad = jax.jit(jax.value_and_grad(fn))(shifted)
     dense_grad = np.asarray(dense_grad, np.float64)
-    # bf16: both evaluations round (differently) to 8-bit mantissas; the factored and
-    # the dense projected gradients were measured ~2.5% (of the largest entry) away
-    # from the float32 one, and ~1.5% from each other.
+    # float32: both paths sum the same products in another order (a W0 + (a P) B vs
+    # a (W0 + P B)): sums of <= M + 2R = 48 terms per entry, <= 48 * 2^-24 = 3e-6 of the
+    # terms' scale, then tanh (Lipschitz 1) and the backward products of the same
+    # length: ~6e-6, and rtol/atol 2e-5/1e-5 of the scale leave ~3x for cancellation.
+    # bf16: the inputs of the product are rounded to 8 significant bits (2^-9 = 2e-3)
+    # in different places (W0 and P B apart, or their sum); an entry of a 40-term
+    # product with random signs then moves by ~sqrt(40) * 2e-3 = 1.3% of the terms'
+    # scale, <= 5% of the largest entry; the value, a sum of 120 tanh of such entries,
+    # averages the errors (rtol 1e-2).
     bf16 = use == "bf16_cast"
     np.testing.assert_allclose(value, dense_value, rtol=1e-2 if bf16 else 2e-5)
     tol = {"rtol": 0.0, "atol": 5e-2} if bf16 else {"rtol": 2e-5, "atol": 1e-5}
@@ -288,6 +316,9 @@ def test_bf16_sum_of_squares_is_evaluated_from_factors():
 
     value, grad = jax.jit(jax.value_and_grad(loss))(B1)
     shifted = w16 + (P1 @ B1).astype(jnp.bfloat16)
+    # A sum of positive squares: each side rounds inputs and squares to bf16 (2^-9 =
+    # 2e-3 each), no cancellation: <= 3 * 2e-3 = 6e-3 relative. The gradient 2 P^T W:
+    # 40 signed terms whose inputs were rounded differently, as in the test above (5%).
     np.testing.assert_allclose(value, fn(shifted), rtol=1e-2)
     want = np.asarray(P1, np.float64).T @ np.asarray(jax.grad(fn)(shifted), np.float64)
     np.testing.assert_allclose(grad, want, atol=5e-2 * np.abs(want).max())
@@ -303,6 +334,7 @@ def test_call_factored_passes_pytrees_and_plain_leaves_through():
     factored = subspace.Factored(W, ((P1, B1),))
     out, bias = subspace.call_factored(fn, {"w": factored, "b": b}, 2.0)
     want, _ = fn({"w": factored.dense(), "b": b}, 2.0)
+    # As in the float32 cases above: ~6e-6 of the scale; the sum of 120 tanh keeps it.
     np.testing.assert_allclose(out, want, rtol=1e-5)
     np.testing.assert_array_equal(bias, b)
     # A factored leaf returned as is comes back dense.
@@ -443,7 +475,12 @@ def _compiled_bytes(tx):
 
 def test_factored_bros_step_needs_less_memory_than_ma_soba():
     # Compiled, never run: the numbers are XLA's buffer assignment for this program.
-    # (Measured: factored BROS ~0.54x of MA-SOBA, naive BROS ~1.16x.)
+    # Every method holds the donated state (y and z: 2 x 4.3 MiB, mostly the 1024 x
+    # 1024 leaf, 4 MiB each). MA-SOBA must also hold that leaf's grad_y g and H z
+    # (produced by one pass, consumed together by the updates): >= 8 MiB more. Factored
+    # BROS holds r x n coordinates and 32 x 1024 activations (< 1 MiB). So factored /
+    # MA-SOBA <= (8.6 + 1) / (8.6 + 8) = 0.58, below the bound 0.8; the naive variant
+    # forms y + P B and its gradient densely, like MA-SOBA (>= 0.8).
     y0 = {}
     for i in range(3):
         y0[f"w{i}"] = jnp.zeros(WIDE[i : i + 2], jnp.float32)
