@@ -67,7 +67,8 @@ def ma_soba(
       An ``optax.GradientTransformationExtraArgs`` over ``x``. Its ``update`` ignores
       the incoming updates, needs ``params=x`` and the extra arguments
       ``inner_batch`` (for ``g``) and ``outer_batch`` (for ``f``), and returns the
-      averaged hypergradient ``w``.
+      averaged hypergradient ``w`` (zeros for a skipped non-finite step, counted in
+      the state's ``nonfinite``).
 
     Example:
       >>> import jax.numpy as jnp, optax

@@ -213,7 +213,7 @@ def test_resample_every_keeps_probes_within_a_period():
 
 RANKS = (1, 2, 4, 8, 16)
 MA_SOBA_STEPS = {"beta": 0.4, "gamma": 0.4, "theta": 0.5, "alpha": 0.3}
-NUM_KEYS, SWEEP_STEPS = 64, 1000
+NUM_KEYS, SWEEP_STEPS = 32, 800
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "scaled"))
