@@ -121,6 +121,17 @@ def check_losses(problem: BilevelProblem, x: PyTree, y: PyTree, inner: Any, oute
             raise ValueError(f"problem.{name} must return a real scalar, got {got}")
 
 
+def _abstract_signature(tree: PyTree) -> Any:
+    """A hashable ``(treedef, shapes and dtypes)`` of ``tree``; ``None`` if unhashable."""
+    leaves, treedef = jax.tree.flatten(tree)
+    try:
+        signature = (treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+        hash(signature)
+    except (TypeError, ValueError):
+        return None
+    return signature
+
+
 # ------------------------------------------------------------------------ the transform
 
 
@@ -132,6 +143,7 @@ def bilevel_transform(
     key: jax.Array | int,
 ) -> optax.GradientTransformationExtraArgs:
     """The Optax transform around ``step``: checks, averaging, projection, skipping."""
+    checked: set = set()  # input signatures whose losses were already checked
 
     def init_fn(x: PyTree) -> BilevelState:
         y = initial_inner(problem, x)
@@ -153,7 +165,10 @@ def bilevel_transform(
         if inner_batch is MISSING or outer_batch is MISSING:
             raise ValueError("bilevel transforms need the inner_batch and outer_batch args")
         check_like_state(params, state.w)
-        check_losses(problem, params, state.y, inner_batch, outer_batch)
+        signature = _abstract_signature((params, state.y, inner_batch, outer_batch))
+        if signature is None or signature not in checked:  # trace the losses once per
+            check_losses(problem, params, state.y, inner_batch, outer_batch)  # signature
+            checked.add(signature)
 
         proposal = step(state, params, inner_batch, outer_batch)
         ok = proposal.finite
