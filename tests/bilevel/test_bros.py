@@ -267,6 +267,52 @@ def test_without_the_rank_rule_the_same_steps_diverge():
     assert np.all(skipped > 0) or not np.all(np.abs(np.asarray(xs)) < 1e3)
 
 
+ONE_STEP_DRAWS, ONE_STEP_RANK = 4000, 4
+
+
+@jax.jit
+def _one_step_squared_errors(keys, y, z):
+    """||y'||^2 and ||z'||^2 after one BROS update from (x = 0, y, z), per key."""
+    s = MA_SOBA_STEPS
+    tx = bilevel.bros(bd.QUAD20.problem, ONE_STEP_RANK, s["beta"], s["gamma"], average=0.5)
+    x = jnp.zeros(bd.QUAD_X)
+
+    def one(key):
+        state = tx.init(x)._replace(y=y, z=z, key=key)
+        _, new = tx.update(x, state, x, inner_batch=None, outer_batch=None)
+        return jnp.sum(new.y**2), jnp.sum(new.z**2)
+
+    return jax.vmap(one)(keys)
+
+
+def test_one_step_second_moments_follow_the_derivation():
+    # The exact second moments of the bros docstring, on QUAD20 at x = 0 (so y* = 0 and
+    # e = y) with y = C (so grad_y f = y - C = 0 and z* = 0, e = z), k = 1 + 19/4:
+    #   E||y'||^2 = ||y||^2 - (1/k) sum_cols y^T (2 beta A - beta^2 A^2) y
+    #   E||z'||^2 = ||z||^2 - 2 g sum_cols z^T A z + g^2 k sum_cols z^T X z,  g = gamma/k^2
+    # with X = E[M A^2 M] = A^2 + (A^2 + tr(A^2) I - 2 diag(A^2)) / r. Float64 here,
+    # compared with the Monte Carlo means in units of their standard errors (two
+    # scores: P(max > 4.5) <= 2 * 6.8e-6 under the CLT with 4000 draws).
+    a = bd.QUAD20.a.astype(np.float64)
+    y = bd.QUAD20.c.astype(np.float64)
+    z = np.random.default_rng(4).standard_normal(y.shape)
+    s, r = MA_SOBA_STEPS, ONE_STEP_RANK
+    k = 1 + (bd.QUAD20.rows - 1) / r
+    beta, g = s["beta"], s["gamma"] / k**2
+    quad = lambda m, v: float(np.sum(v * (m @ v)))  # sum over columns of v^T m v
+    want_y = np.sum(y**2) - quad(2 * beta * a - beta**2 * a @ a, y) / k
+    a2 = a @ a
+    x_mma = a2 + (a2 + np.trace(a2) * np.eye(len(a)) - 2 * np.diag(np.diag(a2))) / r
+    want_z = np.sum(z**2) - 2 * g * quad(a, z) + g**2 * k * quad(x_mma, z)
+    keys = jax.random.split(jax.random.key(1), ONE_STEP_DRAWS)
+    ys, zs = (np.asarray(v, np.float64) for v in _one_step_squared_errors(keys, y, z))
+    for samples, want in ((ys, want_y), (zs, want_z)):
+        stderr = samples.std(ddof=1) / np.sqrt(ONE_STEP_DRAWS)
+        assert abs(samples.mean() - want) < 4.5 * stderr, (samples.mean(), want, stderr)
+    # Both contract, as the rule promises for steps at which MA-SOBA's do.
+    assert want_y < np.sum(y**2) and want_z < np.sum(z**2)
+
+
 # ------------------------------------------------------------------ validation
 
 
