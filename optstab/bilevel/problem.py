@@ -39,14 +39,16 @@ class BilevelProblem(NamedTuple):
 class BilevelState(NamedTuple):
     """State of :func:`~optstab.bilevel.soba`, ``ma_soba`` and ``bros``.
 
-    The field order is the checkpoint format.
+    The field order is the checkpoint format (``nonfinite`` was appended last, so a
+    checkpoint written before it existed does not restore into this state).
     """
 
     y: PyTree  # lower variable, the dtype of inner_init
     z: PyTree  # float32 auxiliary variable, approximates H^{-1} grad_y f
     w: PyTree  # float32 moving average of the hypergradient, the structure of x
     key: jax.Array  # () typed PRNG key; BROS draws its probes from fold_in(key, period)
-    count: jax.Array  # () int32 number of updates so far
+    count: jax.Array  # () int32 number of updates so far, skipped ones included
+    nonfinite: jax.Array  # () int32 updates skipped for a non-finite loss or derivative
 
 
 def initial_inner(problem: BilevelProblem, x: PyTree) -> PyTree:

@@ -17,22 +17,21 @@ example ``optax.sgd(alpha)`` gives ``x <- x - alpha * w``). SOBA is MA-SOBA with
 What is ours: all oracles are evaluated at the same ``(x_t, y_t, z_t)``; the outer
 pass runs before the inner pass (sequenced so their temporaries do not overlap);
 ``z`` and ``w`` are kept in float32; the default ``average=0.1`` and ``key=0`` are our
-choices, not the papers'. Non-finite oracles are not filtered: a NaN in a loss
-reaches ``y``, ``z`` and the output, so check your losses.
+choices, not the papers'. A step whose losses or derivatives are not all finite is
+skipped: ``y``, ``z`` and ``w`` keep their values, the output is zero and the state's
+``nonfinite`` counter goes up (see :mod:`optstab.bilevel._core`). ``x`` whose tree or
+shapes differ from ``init``'s, a batch a loss cannot take, or a loss that does not
+return a scalar raise ``ValueError`` when the update is traced.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optstab._random import as_key
 from optstab._state import find_unique
-from optstab.bilevel import oracles
+from optstab.bilevel import _core, oracles
 from optstab.bilevel.problem import (
     BilevelProblem,
     BilevelState,
@@ -41,70 +40,7 @@ from optstab.bilevel.problem import (
     check_average,
     check_problem,
     check_radius,
-    initial_inner,
 )
-
-_MISSING = object()  # a batch may legitimately be None (deterministic problems)
-
-# step(state, x, inner_batch, outer_batch) -> (hypergradient D, new y, new unprojected z)
-Step = Callable[[BilevelState, PyTree, Any, Any], tuple[PyTree, PyTree, PyTree]]
-
-
-def descend(tree: PyTree, direction: PyTree, lr: jax.Array) -> PyTree:
-    """``tree - lr * direction``, computed in float32 and kept in ``tree``'s dtype."""
-    return jax.tree.map(
-        lambda t, d: (t.astype(jnp.float32) - lr * d).astype(t.dtype), tree, direction
-    )
-
-
-def project_ball(tree: PyTree, radius: jax.typing.ArrayLike | None) -> PyTree:
-    """``tree`` scaled onto the ball ``||tree|| <= radius`` (unchanged if ``None``)."""
-    if radius is None:
-        return tree
-    norm = optax.tree.norm(tree)
-    factor = jnp.minimum(1.0, radius / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
-    return jax.tree.map(lambda t: t * factor, tree)
-
-
-def bilevel_transform(
-    problem: BilevelProblem,
-    step: Step,
-    average: jax.typing.ArrayLike,
-    radius: jax.typing.ArrayLike | None,
-    key: jax.Array | int,
-) -> optax.GradientTransformationExtraArgs:
-    """The Optax transform around ``step``: state handling, averaging, projection."""
-
-    def init_fn(x: PyTree) -> BilevelState:
-        y = initial_inner(problem, x)
-        return BilevelState(
-            y=y,
-            z=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), y),
-            w=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), x),
-            key=as_key(key),
-            count=jnp.zeros([], jnp.int32),
-        )
-
-    def update_fn(
-        updates, state, params=None, *, inner_batch=_MISSING, outer_batch=_MISSING, **extra
-    ):
-        del updates, extra
-        if params is None:
-            raise ValueError("bilevel transforms need params (the upper variable x)")
-        if inner_batch is _MISSING or outer_batch is _MISSING:
-            raise ValueError("bilevel transforms need the inner_batch and outer_batch args")
-        direction, y, z = step(state, params, inner_batch, outer_batch)
-        w = jax.tree.map(lambda w_, d: (1 - average) * w_ + average * d, state.w, direction)
-        new_state = BilevelState(
-            y=y,
-            z=project_ball(z, radius),
-            w=w,
-            key=state.key,
-            count=optax.safe_increment(state.count),
-        )
-        return oracles.cast_like(w, params), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def ma_soba(
@@ -131,7 +67,8 @@ def ma_soba(
       An ``optax.GradientTransformationExtraArgs`` over ``x``. Its ``update`` ignores
       the incoming updates, needs ``params=x`` and the extra arguments
       ``inner_batch`` (for ``g``) and ``outer_batch`` (for ``f``), and returns the
-      averaged hypergradient ``w``.
+      averaged hypergradient ``w`` (zeros for a skipped non-finite step, counted in
+      the state's ``nonfinite``).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -159,17 +96,19 @@ def ma_soba(
     beta = as_schedule("inner_lr", inner_lr)
     gamma = as_schedule("aux_lr", aux_lr)
 
-    def step(state: BilevelState, x, inner_batch, outer_batch):
+    def step(state: BilevelState, x, inner_batch, outer_batch) -> _core.Proposal:
         outer = oracles.outer_gradients(problem, x, state.y, outer_batch)
         x_, z_, inner_batch = oracles.after(outer, x, state.z, inner_batch)
         inner = oracles.inner_oracles(problem, x_, state.y, z_, inner_batch)
-        y = descend(state.y, inner.grad_y, beta(state.count))
+        finite = _core.all_finite(outer, inner)
+        guard = lambda tree: _core.zero_unless(finite, tree)
+        y = _core.descend(state.y, guard(inner.grad_y), beta(state.count))
         aux_direction = jax.tree.map(jnp.subtract, inner.hessian_z, outer.y)
-        z = descend(z_, aux_direction, gamma(state.count))
+        z = _core.descend(z_, guard(aux_direction), gamma(state.count))
         direction = jax.tree.map(jnp.subtract, outer.x, inner.cross_z)
-        return direction, y, z
+        return _core.Proposal(direction, y, z, finite)
 
-    return bilevel_transform(problem, step, average, radius, key)
+    return _core.bilevel_transform(problem, step, average, radius, key)
 
 
 def soba(

@@ -14,14 +14,18 @@ differentiating a loss through it would cost as much as full space: autodiff kee
 each layer input ``a`` (``batch x m``) and builds the full ``m x n`` gradient
 ``a^T dh`` before projecting it. :func:`call_factored` instead traces the loss to a
 jaxpr and evaluates it with every projected leaf held as ``(W, (P, B1), (Q, B2))``.
-Where the leaf is the right operand of a matrix product contracted on its rows
-(``a @ W``: dense layers, attention projections) it computes
-``a @ W + (a @ P) @ B1 + (a @ Q) @ B2``; autodiff then keeps ``a P`` (``batch x r``)
-and yields ``P^T grad`` directly as ``(a P)^T dh``. Any other use of the leaf (a
-transpose, an embedding lookup) receives the dense sum, so the result is always
-exact; only the memory saving is lost there. A full sum of squares of the leaf
-(``jnp.sum(W ** 2)``, the usual weight decay) is also evaluated from factors. This rewriting is our
-engineering of the "projected-linear VJP" the paper describes.
+Where the leaf is an operand of a matrix product (``dot_general``: ``a @ W``,
+``W.T @ a``, ``jnp.einsum('bnd,dh->bnh', a, W)``, ``jnp.einsum('bnh,dh->bnd', a, W)``,
+dense layers, attention and MLP projections) contracted on one of its axes, with the
+other axis free, it computes ``a @ W + (a @ P) @ B1 + (a @ Q) @ B2`` (contracted on
+the rows; ``a @ W^T + (a @ B1^T) @ P^T + ...`` on the columns); autodiff then keeps
+``a P`` (``batch x r``) and yields ``P^T grad`` directly as ``(a P)^T dh``. Activations
+may carry any number of batch axes; transposes of the leaf stay factored. Any other use
+of the leaf (an embedding lookup, an elementwise function, a ``dot_general`` with a
+batch axis on the leaf itself) receives the dense sum, so the result is always exact;
+only the memory saving is lost there. A full sum of squares of the leaf
+(``jnp.sum(W ** 2)``, the usual weight decay) is also evaluated from factors. This
+rewriting is our engineering of the "projected-linear VJP" the paper describes.
 """
 
 from __future__ import annotations
@@ -101,31 +105,72 @@ def lift(probes: PyTree, coordinates: PyTree) -> PyTree:
     return _map(lambda p, b: b if p is None else p @ b, probes, coordinates)
 
 
-def lift_descend(probes: PyTree, tree: PyTree, coordinates: PyTree, lr: jax.Array) -> PyTree:
-    """``tree - lr * P B`` leaf by leaf, in float32, kept in ``tree``'s dtype."""
+def lift_descend(
+    probes: PyTree, tree: PyTree, coordinates: PyTree, lr: jax.Array, scales: PyTree = None
+) -> PyTree:
+    """``tree - lr * s * P B`` leaf by leaf, in float32, kept in ``tree``'s dtype.
 
-    def update(p, t, b):
+    ``scales`` holds one Python float ``s`` per leaf of ``tree`` (``None``: all 1).
+    """
+    if scales is None:
+        scales = jax.tree.map(lambda _: 1.0, tree)
+
+    def update(p, t, b, s):
+        if p is not None and t.dtype == jnp.float32:
+            return subtract_low_rank(t, p, b, lr * s)
         step = b if p is None else p @ b
-        return (t.astype(jnp.float32) - lr * step).astype(t.dtype)
+        return (t.astype(jnp.float32) - (lr * s) * step).astype(t.dtype)
 
-    return _map(update, probes, tree, coordinates)
+    return _map(update, probes, tree, coordinates, scales)
+
+
+def subtract_low_rank(t: jax.Array, p: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """``t - c * P @ B`` for a float32 ``t``, as ``r`` rank-one updates in a loop.
+
+    Each update is elementwise, so XLA applies it in place to a donated ``t``; the
+    product ``P @ B`` would first be materialised as a second ``m x n`` array (16 MiB
+    for a 2048 x 2048 leaf). Elementwise, it also keeps ``t``'s sharding (a loop over
+    row blocks would gather a row-sharded ``t``).
+    """
+
+    def rank_one(k, t):
+        column = jax.lax.dynamic_slice_in_dim(p, k, 1, axis=1)  # m x 1
+        row = jax.lax.dynamic_slice_in_dim(b, k, 1, axis=0)  # 1 x n
+        return t - c * (column * row)
+
+    return jax.lax.fori_loop(0, p.shape[1], rank_one, t)
+
+
+def second_moment(rows: int, rank: int) -> float:
+    """``E||P P^T v||^2 / ||v||^2 = 1 + (rows - 1) / rank`` for an ``rows x rank``
+    Rademacher probe ``P`` (entries ``+-1/sqrt(rank)``) and any ``v``: the diagonal of
+    ``P P^T`` is 1 and each of its ``rows - 1`` off-diagonal entries per row has
+    variance ``1 / rank``."""
+    return 1.0 + (rows - 1) / rank
 
 
 # ----------------------------------------------------------------------- factored evaluation
 
 
 class Factored:
-    """A matrix ``base + sum_k P_k B_k`` kept as its factors (internal to evaluation)."""
+    """A matrix ``base + sum_k P_k B_k`` kept as its factors (internal to evaluation),
+    or its transpose when ``transposed``."""
 
-    __slots__ = ("base", "factors")
+    __slots__ = ("base", "factors", "transposed")
 
-    def __init__(self, base: jax.Array, factors: tuple[tuple[jax.Array, jax.Array], ...]):
+    def __init__(
+        self,
+        base: jax.Array,
+        factors: tuple[tuple[jax.Array, jax.Array], ...],
+        transposed: bool = False,
+    ):
         self.base = base
         self.factors = factors
+        self.transposed = transposed
 
     @property
     def shape(self):
-        return self.base.shape
+        return self.base.shape[::-1] if self.transposed else self.base.shape
 
     @property
     def dtype(self):
@@ -135,7 +180,16 @@ class Factored:
         out = self.base
         for p, b in self.factors:
             out = out + (p @ b).astype(out.dtype)
-        return out
+        return out.T if self.transposed else out
+
+    def seen_factors(self) -> tuple[jax.Array, jax.Array]:
+        """``(L, R)`` with ``self = base' + L R`` as seen (``base'`` the base, transposed
+        if ``self`` is): all factors stacked, ``L = [P_1 .. P_K]`` and ``R = [B_1; ..;
+        B_K]``, or ``L = R_plain^T`` and ``R = L_plain^T`` when transposed."""
+        dtype = self.base.dtype
+        left = jnp.concatenate([p.astype(dtype) for p, _ in self.factors], axis=1)
+        right = jnp.concatenate([b.astype(dtype) for _, b in self.factors], axis=0)
+        return (right.T, left.T) if self.transposed else (left, right)
 
 
 class SquaredFactored:
@@ -257,7 +311,11 @@ def _evaluate_factored(eqn: jex.JaxprEqn, invals: list[Any]) -> list[Any]:
         return _evaluate(sub.jaxpr, sub.consts, invals)
     elif name == "convert_element_type" and isinstance(invals[0], Factored):
         factored = invals[0]
-        return [Factored(_bind(eqn, [factored.base])[0], factored.factors)]
+        base = _bind(eqn, [factored.base])[0]
+        return [Factored(base, factored.factors, factored.transposed)]
+    elif name == "transpose" and isinstance(invals[0], Factored) and invals[0].base.ndim == 2:
+        factored = invals[0]
+        return [Factored(factored.base, factored.factors, not factored.transposed)]
     elif name == "convert_element_type" and isinstance(invals[0], SquaredFactored):
         return [SquaredFactored(invals[0].root, eqn.params["new_dtype"])]
     elif _is_square(eqn, invals):
@@ -282,24 +340,38 @@ def _is_square(eqn: jex.JaxprEqn, invals: list[Any]) -> bool:
 
 
 def _factored_dot(eqn: jex.JaxprEqn, lhs: Any, rhs: Any) -> jax.Array | None:
-    """``lhs @ (W + sum P_k B_k)`` without forming ``W + sum P_k B_k``, if possible."""
+    """A matrix product with one factored operand ``W = W0 + L R``, without forming it.
+
+    ``W`` may be either operand and contracted on either axis; its other axis must be
+    free (no batch dimensions on ``W``). With ``W``'s axis 0 contracted the product is
+    ``op(x, W0) + op(op(x, L), R)``; with axis 1 contracted, ``op(x, W0) +
+    op(op(x, R), L)``, where the inner ``op`` is the original product with ``W``
+    replaced by a thin factor (its free axis then has the rank's size) and the outer
+    one contracts that axis. Returns ``None`` where this does not apply.
+    """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
-    if (
-        isinstance(lhs, Factored)
-        or not isinstance(rhs, Factored)
-        or rhs.base.ndim != 2
-        or tuple(rhs_contract) != (0,)
-        or lhs_batch
-        or rhs_batch
-    ):
+    w_is_lhs = isinstance(lhs, Factored)
+    if w_is_lhs == isinstance(rhs, Factored) or lhs_batch or rhs_batch:
         return None
-    dtype = rhs.base.dtype
-    # One product with the stacked probes [P Q] and coordinates [B1; B2]: a single
-    # batch x n partial result instead of one per factor.
-    probes = jnp.concatenate([p.astype(dtype) for p, _ in rhs.factors], axis=1)
-    coordinates = jnp.concatenate([b.astype(dtype) for _, b in rhs.factors], axis=0)
-    projected = _bind(eqn, [lhs, probes])[0].astype(dtype)
-    numbers = (((projected.ndim - 1,), (0,)), ((), ()))
-    part = _bind(eqn, [projected, coordinates], dimension_numbers=numbers)[0]
-    out = _bind(eqn, [lhs, rhs.base])[0]
+    w, other = (lhs, rhs) if w_is_lhs else (rhs, lhs)
+    w_contract = lhs_contract if w_is_lhs else rhs_contract
+    if w.base.ndim != 2 or len(w_contract) != 1:
+        return None
+    left, right = w.seen_factors()
+    if w_contract[0] == 0:  # W's rows are summed over: x -> x L (rank-sized) -> (x L) R
+        thin, then, then_axis = left, right, 0
+    else:  # W's columns are summed over: x -> x R^T (rank-sized) -> (x R^T) L^T
+        thin, then, then_axis = right, left, 1
+    operands = [thin, other] if w_is_lhs else [other, thin]
+    projected = _bind(eqn, operands)[0].astype(w.dtype)
+    # The rank-sized axis is where W's free axis was: first of the output if W is the
+    # left operand, last if it is the right one.
+    if w_is_lhs:
+        numbers = (((then_axis,), (0,)), ((), ()))
+        part = _bind(eqn, [then, projected], dimension_numbers=numbers)[0]
+    else:
+        numbers = (((projected.ndim - 1,), (then_axis,)), ((), ()))
+        part = _bind(eqn, [projected, then], dimension_numbers=numbers)[0]
+    base = w.base.T if w.transposed else w.base
+    out = _bind(eqn, [base, other] if w_is_lhs else [other, base])[0]
     return out + part.astype(out.dtype)

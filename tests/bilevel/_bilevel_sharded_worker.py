@@ -46,7 +46,10 @@ Y0 = {"w": jnp.full((ROWS, COLS), 0.05), "b": jnp.zeros(COLS)}
 PROBLEM = bilevel.BilevelProblem(inner_loss, outer_loss, Y0)
 SOLVERS = {
     "ma_soba": bilevel.ma_soba(PROBLEM, 0.2, 0.1, average=0.5),
-    "bros": bilevel.bros(PROBLEM, 4, 0.2, 0.1, average=0.5, key=3),
+    # Unscaled steps: the rank rule would divide the output by k^2 = (1 + 15/4)^2 and x
+    # would hardly move in STEPS steps. The rule's scales are static numbers; they do
+    # not interact with sharding.
+    "bros": bilevel.bros(PROBLEM, 4, 0.2, 0.1, average=0.5, key=3, rank_scaled_steps=False),
 }
 
 

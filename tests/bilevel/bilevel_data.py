@@ -1,7 +1,8 @@
 """Small bilevel problems shared by the tests of optstab.bilevel.
 
 * ``QUAD``: a quadratic with a closed-form solution. ``y`` is one ``8 x 2`` leaf, so
-  BROS with ``rank < 8`` projects it; ``x`` has 3 entries.
+  BROS with ``rank < 8`` projects it; ``x`` has 3 entries. ``QUAD20`` is the same
+  construction with 20 rows.
 
       g(x, y) = 0.5 <Y, A Y> - <Y, B x>          (A: 8 x 8 SPD, acts on rows of Y)
       f(x, y) = 0.5 ||Y - C||^2 + 0.5 mu ||x||^2
@@ -30,46 +31,75 @@ from optstab import bilevel
 
 # --------------------------------------------------------------- closed-form quadratic
 
-QUAD_ROWS, QUAD_COLS, QUAD_X = 8, 2, 3
+QUAD_COLS, QUAD_X = 2, 3
 QUAD_MU = 0.1
 
 
-def _quadratic_constants():
-    rng = np.random.default_rng(0)
-    basis, _ = np.linalg.qr(rng.standard_normal((QUAD_ROWS, QUAD_ROWS)))
-    a = basis @ np.diag(np.linspace(1.0, 3.0, QUAD_ROWS)) @ basis.T
-    b = 0.35 * rng.standard_normal((QUAD_ROWS, QUAD_COLS, QUAD_X))
-    c = rng.standard_normal((QUAD_ROWS, QUAD_COLS))
-    return a, b, c
+class Quadratic:
+    """The closed-form quadratic with ``rows`` rows (see the module docstring).
+
+    ``B`` is scaled by ``sqrt(8 / rows)`` so that the upper problem's curvature does not
+    grow with ``rows``; ``rows = 8`` is ``QUAD``.
+    """
+
+    def __init__(self, rows: int):
+        rng = np.random.default_rng(0)
+        basis, _ = np.linalg.qr(rng.standard_normal((rows, rows)))
+        a = basis @ np.diag(np.linspace(1.0, 3.0, rows)) @ basis.T
+        b = 0.35 * np.sqrt(8 / rows) * rng.standard_normal((rows, QUAD_COLS, QUAD_X))
+        c = rng.standard_normal((rows, QUAD_COLS))
+        self.rows = rows
+        self.a, self.b, self.c = (v.astype(np.float32) for v in (a, b, c))
+        self.problem = bilevel.BilevelProblem(self.inner, self.outer, jnp.zeros((rows, QUAD_COLS)))
+
+    def inner(self, x, y, batch):
+        del batch
+        y = y.astype(jnp.float32)
+        return 0.5 * jnp.sum(y * (self.a @ y)) - jnp.sum(y * (self.b @ x.astype(jnp.float32)))
+
+    def outer(self, x, y, batch):
+        del batch
+        x = x.astype(jnp.float32)
+        return 0.5 * jnp.sum((y.astype(jnp.float32) - self.c) ** 2) + 0.5 * QUAD_MU * jnp.sum(x**2)
+
+    def _float64(self):
+        return (v.astype(np.float64) for v in (self.a, self.b, self.c))
+
+    def solution(self):
+        """``(x*, y*(x*), z*(x*))`` in float64 numpy."""
+        a, b, c = self._float64()
+        # y*(x) = M x with M = A^{-1} B as a (rows * cols x 3) matrix on the flattened y.
+        m = np.linalg.solve(a, b.reshape(self.rows, -1)).reshape(-1, QUAD_X)
+        x = np.linalg.solve(m.T @ m + QUAD_MU * np.eye(QUAD_X), m.T @ c.reshape(-1))
+        y = (m @ x).reshape(self.rows, QUAD_COLS)
+        z = np.linalg.solve(a, y - c)
+        return x, y, z
+
+    def ma_soba_by_hand(self, beta, gamma, theta, alpha, steps):
+        """``x`` after ``steps`` MA-SOBA updates from zeros, chained with
+        ``sgd(alpha)``, in float64 numpy (written from the formulas, no library code)."""
+        a, b, c = self._float64()
+        x, w = np.zeros(QUAD_X), np.zeros(QUAD_X)
+        y = z = np.zeros((self.rows, QUAD_COLS))
+        for _ in range(steps):
+            grad_y_g = a @ y - b @ x
+            hessian_z, grad_y_f = a @ z, y - c
+            cross_z = -np.einsum("rcx,rc->x", b, z)  # J z = grad_x <grad_y g, z>
+            direction = QUAD_MU * x - cross_z
+            y, z = y - beta * grad_y_g, z - gamma * (hessian_z - grad_y_f)
+            w = (1 - theta) * w + theta * direction
+            x = x - alpha * w
+        return x
 
 
-QUAD_A, QUAD_B, QUAD_C = (x.astype(np.float32) for x in _quadratic_constants())
-
-
-def quad_inner(x, y, batch):
-    del batch
-    y = y.astype(jnp.float32)
-    return 0.5 * jnp.sum(y * (QUAD_A @ y)) - jnp.sum(y * (QUAD_B @ x.astype(jnp.float32)))
-
-
-def quad_outer(x, y, batch):
-    del batch
-    x = x.astype(jnp.float32)
-    return 0.5 * jnp.sum((y.astype(jnp.float32) - QUAD_C) ** 2) + 0.5 * QUAD_MU * jnp.sum(x**2)
-
-
-QUAD = bilevel.BilevelProblem(quad_inner, quad_outer, jnp.zeros((QUAD_ROWS, QUAD_COLS)))
-
-
-def quad_solution():
-    """``(x*, y*(x*), z*(x*))`` in float64 numpy."""
-    a, b, c = (x.astype(np.float64) for x in (QUAD_A, QUAD_B, QUAD_C))
-    # y*(x) = M x with M = A^{-1} B as a (16 x 3) matrix on the flattened y.
-    m = np.linalg.solve(a, b.reshape(QUAD_ROWS, -1)).reshape(-1, QUAD_X)
-    x = np.linalg.solve(m.T @ m + QUAD_MU * np.eye(QUAD_X), m.T @ c.reshape(-1))
-    y = (m @ x).reshape(QUAD_ROWS, QUAD_COLS)
-    z = np.linalg.solve(a, y - c)
-    return x, y, z
+_QUAD8 = Quadratic(8)
+QUAD_ROWS = _QUAD8.rows
+QUAD_A, QUAD_B, QUAD_C = _QUAD8.a, _QUAD8.b, _QUAD8.c
+quad_inner, quad_outer = _QUAD8.inner, _QUAD8.outer
+QUAD = _QUAD8.problem
+quad_solution = _QUAD8.solution
+# 20 rows: BROS projects y at every rank 1, 2, 4, 8, 16.
+QUAD20 = Quadratic(20)
 
 
 # ----------------------------------------------------------------- MLP-like problem
@@ -169,8 +199,10 @@ def run_steps(tx, x, steps: int, state=None):
     return _run_steps(tx, steps, x, state)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _run_steps(tx, steps, x, state):
+def run_steps_fn(tx, x, steps: int, state=None):
+    """:func:`run_steps` without the jit (to call inside a jitted or vmapped function)."""
+    state = tx.init(x) if state is None else state
+
     def body(carry, _):
         x, state = carry
         updates, state = tx.update(x, state, x, inner_batch=None, outer_batch=None)
@@ -178,6 +210,11 @@ def _run_steps(tx, steps, x, state):
 
     (x, state), _ = jax.lax.scan(body, (x, state), None, length=steps)
     return x, state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run_steps(tx, steps, x, state):
+    return run_steps_fn(tx, x, steps, state)
 
 
 def flat_hessian_parts(problem, x, y, inner_batch, outer_batch):

@@ -48,13 +48,38 @@ def test_restrict_and_lift_are_adjoint_projections():
     probes = subspace.draw_probes(jax.random.key(1), y, rank=2)
     p = np.asarray(probes.left["w"], np.float64)
     coords = subspace.restrict(probes.left, t)
-    np.testing.assert_allclose(coords["w"], p.T @ np.asarray(t["w"]), rtol=1e-6)
+    # float32 sums of 6 products of size <= 3 / sqrt(2) = 2.1 (|t| <= ~3), against
+    # float64 on the same (float32) probes: <= 6 * 2^-24 * (6 * 2.1) = 4.6e-6 per entry
+    # at worst, hence atol 5e-6; P P^T t chains two such sums (atol 1e-5).
+    np.testing.assert_allclose(coords["w"], p.T @ np.asarray(t["w"]), rtol=1e-6, atol=5e-6)
     np.testing.assert_array_equal(coords["b"], t["b"])  # full-space leaf: unchanged
     lifted = subspace.lift(probes.left, coords)
-    np.testing.assert_allclose(lifted["w"], p @ p.T @ np.asarray(t["w"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lifted["w"], p @ p.T @ np.asarray(t["w"]), rtol=1e-5, atol=1e-5)
+    # lift_descend: t - 0.5 P B by rank-one updates (2 roundings per entry) against the
+    # float32 lift above (one product of 2 terms): a few 2^-24 of |t| + |P B| (~5).
     stepped = subspace.lift_descend(probes.left, t, coords, jnp.float32(0.5))
-    np.testing.assert_allclose(stepped["w"], t["w"] - 0.5 * lifted["w"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stepped["w"], t["w"] - 0.5 * lifted["w"], rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(stepped["b"], 0.5 * np.ones(2))
+
+
+def test_low_rank_descent_runs_in_place_and_matches_the_product():
+    m, n, r = 256, 128, 8
+    rng = np.random.default_rng(2)
+    t = rng.standard_normal((m, n)).astype(np.float32)
+    p = np.asarray(subspace.rademacher(jax.random.key(5), m, r))
+    b = rng.standard_normal((r, n)).astype(np.float32)
+    update = jax.jit(
+        lambda t_, p_, b_: subspace.subtract_low_rank(t_, p_, b_, 0.3), donate_argnums=0
+    )
+    got = update(jnp.asarray(t), p, b)
+    want = t.astype(np.float64) - 0.3 * p.astype(np.float64) @ b
+    # r float32 rank-one updates, each rounding once (<= eps/2 of |t| + |0.3 p_k b_k|):
+    # |error| <= r * eps * (|t| + 0.3 |b| / sqrt(r)) ~ 8 * 1.2e-7 * 4 = 4e-6.
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-6 * np.abs(want).max())
+    # In place: XLA needs no m x n temporary (a matrix product P @ B would need one).
+    stats = update.lower(jnp.asarray(t), p, b).compile().memory_analysis()
+    assert stats.temp_size_in_bytes < m * n * 4 // 4, stats.temp_size_in_bytes
+    assert stats.alias_size_in_bytes == m * n * 4
 
 
 # ------------------------------------------------------------- estimator statistics
@@ -108,13 +133,30 @@ def _scores(samples, expected):
 
 def test_probe_outer_product_has_identity_mean(estimator_samples):
     *_, ppt = estimator_samples
-    # The diagonal of P P^T is exactly sum_k (1/sqrt r)^2 = 1 for Rademacher probes.
+    # The diagonal of P P^T is exactly sum_k (1/sqrt r)^2 = 1 for Rademacher probes; in
+    # float32, 1/sqrt(3) is rounded and 3 squares summed: within 3 * 2^-24 = 2e-7.
     diagonal = ppt[:, np.arange(ROWS), np.arange(ROWS)]
     np.testing.assert_allclose(diagonal, 1.0, rtol=1e-6)
     off = ~np.eye(ROWS, dtype=bool)
     scores = _scores(ppt, np.eye(ROWS))[off]
     assert scores.max() < MAX_SCORE, scores.max()
-    assert ppt.std(axis=0)[off].min() > 0.3  # the off-diagonal entries really are random
+    # The off-diagonal entries really are random: their std is 1/sqrt(3) = 0.577, and
+    # a sample std over 2000 draws is within 5 standard errors (5 / sqrt(2 * 2000) = 8%)
+    # of it for all 90 entries, so > 0.53 > 0.3.
+    assert ppt.std(axis=0)[off].min() > 0.3
+
+
+def test_probe_second_moment_is_k_times_identity(estimator_samples):
+    # E[(P P^T)^2] = k I with k = 1 + (m - 1) / r (the rank rule of bros), scored like
+    # the means above (the same union bound over the 100 entries).
+    *_, ppt = estimator_samples
+    squares = ppt @ ppt
+    k = subspace.second_moment(ROWS, RANK)
+    assert k == 1 + (ROWS - 1) / RANK
+    scores = _scores(squares, k * np.eye(ROWS))
+    assert scores.max() < MAX_SCORE, scores.max()
+    # The single-probe bias prediction below uses the general E[M X M]; with X = I it
+    # is this k I.
 
 
 def test_bi_probe_estimator_is_unbiased(estimator_samples):
@@ -144,6 +186,7 @@ P1 = subspace.rademacher(jax.random.key(1), M, R)
 P2 = subspace.rademacher(jax.random.key(2), M, R)
 B1 = jnp.asarray(0.1 * _RNG.standard_normal((R, N)), jnp.float32)
 B2 = jnp.asarray(0.1 * _RNG.standard_normal((R, N)), jnp.float32)
+A3_COLS = jnp.asarray(_RNG.standard_normal((2, 3, N)), jnp.float32)  # contracts W's columns
 
 
 def _bf16_layer(w):
@@ -162,13 +205,23 @@ FACTORED_USES = {
     "sum_square": lambda w: jnp.sum(jnp.square(w)),
     "sum_mul_self": lambda w: jnp.sum(w * w),
     "layer_and_decay": lambda w: jnp.sum(jnp.tanh(A2 @ w)) + 0.1 * jnp.sum(w**2),
+    # W contracted on its columns, W on either side of the product, transposes:
+    "transpose": lambda w: jnp.sum(jnp.tanh(A3_COLS[0] @ w.T)),
+    "transpose_left": lambda w: jnp.sum(jnp.tanh(w.T @ A2.T)),
+    "einsum_rows": lambda w: jnp.sum(jnp.tanh(jnp.einsum("bnm,mk->bnk", A3, w))),
+    "einsum_rows_w_first": lambda w: jnp.sum(jnp.tanh(jnp.einsum("mk,bnm->bkn", w, A3))),
+    "einsum_columns": lambda w: jnp.sum(jnp.tanh(jnp.einsum("bnk,mk->bnm", A3_COLS, w))),
+    "einsum_columns_w_first": lambda w: jnp.sum(jnp.tanh(jnp.einsum("mk,bnk->mbn", w, A3_COLS))),
+    "dot_general_columns": lambda w: jnp.sum(
+        jnp.tanh(jax.lax.dot_general(w, A3_COLS, (((1,), (2,)), ((), ()))))
+    ),
 }
 # Uses that must fall back to the dense sum (still exact).
 DENSE_USES = {
-    "transpose": lambda w: jnp.sum(jnp.tanh(A2[:, :N] @ w.T)),
     "row_lookup": lambda w: jnp.sum(jnp.tanh(w[0])),
     "partial_sum_of_squares": lambda w: jnp.sum(jnp.sqrt(jnp.sum(w**2, axis=0))),
     "elementwise": lambda w: jnp.sum(jnp.sin(w)),
+    "batch_axis_on_w": lambda w: jnp.sum(jnp.tanh(jnp.einsum("mk,mk->m", w, jnp.cos(W)))),
 }
 
 
@@ -207,6 +260,7 @@ def _largest_b_dependent_value(closed: jex.ClosedJaxpr) -> int:
 # uses exercise what differs with two: the dot loop, the cross terms of the sum of
 # squares, casts of both factors, and the dense fallback.
 TWO_FACTOR_USES = ["matmul_2d", "bf16_cast", "sum_pow2", "layer_and_decay", "transpose"]
+TWO_FACTOR_USES += ["einsum_rows_w_first", "einsum_columns", "row_lookup"]
 CASES = [(use, False) for use in list(FACTORED_USES) + list(DENSE_USES)]
 CASES += [(use, True) for use in TWO_FACTOR_USES]
 
@@ -222,9 +276,15 @@ def test_call_factored_matches_dense_value_and_projected_gradient(use, two_facto
     value, (grad1, grad2) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(B1, B2)
     dense_value, dense_grad = jax.jit(jax.value_and_grad(fn))(shifted)
     dense_grad = np.asarray(dense_grad, np.float64)
-    # bf16: both evaluations round (differently) to 8-bit mantissas; the factored and
-    # the dense projected gradients were measured ~2.5% (of the largest entry) away
-    # from the float32 one, and ~1.5% from each other.
+    # float32: both paths sum the same products in another order (a W0 + (a P) B vs
+    # a (W0 + P B)): sums of <= M + 2R = 48 terms per entry, <= 48 * 2^-24 = 3e-6 of the
+    # terms' scale, then tanh (Lipschitz 1) and the backward products of the same
+    # length: ~6e-6, and rtol/atol 2e-5/1e-5 of the scale leave ~3x for cancellation.
+    # bf16: the inputs of the product are rounded to 8 significant bits (2^-9 = 2e-3)
+    # in different places (W0 and P B apart, or their sum); an entry of a 40-term
+    # product with random signs then moves by ~sqrt(40) * 2e-3 = 1.3% of the terms'
+    # scale, <= 5% of the largest entry; the value, a sum of 120 tanh of such entries,
+    # averages the errors (rtol 1e-2).
     bf16 = use == "bf16_cast"
     np.testing.assert_allclose(value, dense_value, rtol=1e-2 if bf16 else 2e-5)
     tol = {"rtol": 0.0, "atol": 5e-2} if bf16 else {"rtol": 2e-5, "atol": 1e-5}
@@ -256,6 +316,9 @@ def test_bf16_sum_of_squares_is_evaluated_from_factors():
 
     value, grad = jax.jit(jax.value_and_grad(loss))(B1)
     shifted = w16 + (P1 @ B1).astype(jnp.bfloat16)
+    # A sum of positive squares: each side rounds inputs and squares to bf16 (2^-9 =
+    # 2e-3 each), no cancellation: <= 3 * 2e-3 = 6e-3 relative. The gradient 2 P^T W:
+    # 40 signed terms whose inputs were rounded differently, as in the test above (5%).
     np.testing.assert_allclose(value, fn(shifted), rtol=1e-2)
     want = np.asarray(P1, np.float64).T @ np.asarray(jax.grad(fn)(shifted), np.float64)
     np.testing.assert_allclose(grad, want, atol=5e-2 * np.abs(want).max())
@@ -271,10 +334,97 @@ def test_call_factored_passes_pytrees_and_plain_leaves_through():
     factored = subspace.Factored(W, ((P1, B1),))
     out, bias = subspace.call_factored(fn, {"w": factored, "b": b}, 2.0)
     want, _ = fn({"w": factored.dense(), "b": b}, 2.0)
+    # As in the float32 cases above: ~6e-6 of the scale; the sum of 120 tanh keeps it.
     np.testing.assert_allclose(out, want, rtol=1e-5)
     np.testing.assert_array_equal(bias, b)
     # A factored leaf returned as is comes back dense.
     np.testing.assert_allclose(subspace.call_factored(lambda w: w, factored), factored.dense())
+
+
+# ------------------------------------------------- a transformer block written with einsum
+#
+# A pre-norm attention block plus MLP, its projections written the ways models write
+# them: einsum with the weight on either side, contracted on its rows or (weights
+# stored output-first) its columns, a plain matmul, and a transposed weight. Tokens
+# and widths are chosen so that every activation (3 x 48 at most) is smaller than the
+# smallest weight (24 x 32): a B-dependent array of a weight's size would be a dense
+# m x n product of a projected leaf.
+
+WIDTH, HEAD, HIDDEN, TOKENS, BLOCK_RANK = 32, 24, 48, 3, 4
+BLOCK_SHAPES = {
+    "wq": (WIDTH, HEAD),  # einsum('bnd,dh->bnh', x, wq)
+    "wk": (HEAD, WIDTH),  # stored output-first: einsum('bnd,hd->bnh', x, wk)
+    "wv": (WIDTH, HEAD),  # weight first, head-major result: einsum('dh,bnd->bhn', wv, x)
+    "wo": (HEAD, WIDTH),  # einsum('bnh,hd->bnd', attended, wo)
+    "w1": (WIDTH, HIDDEN),  # x @ w1
+    "w2": (WIDTH, HIDDEN),  # used transposed: h @ w2.T
+}
+
+
+def _block(params, x):
+    def norm(a):
+        return (a - a.mean(-1, keepdims=True)) * jax.lax.rsqrt(a.var(-1, keepdims=True) + 1e-5)
+
+    h = norm(x)
+    q = jnp.einsum("bnd,dh->bnh", h, params["wq"])
+    k = jnp.einsum("bnd,hd->bnh", h, params["wk"])
+    v = jnp.einsum("dh,bnd->bhn", params["wv"], h)
+    weights = jax.nn.softmax(jnp.einsum("bnh,bmh->bnm", q, k) / np.sqrt(HEAD), axis=-1)
+    attended = jnp.einsum("bnm,bhm->bnh", weights, v)
+    x = x + jnp.einsum("bnh,hd->bnd", attended, params["wo"])
+    x = x + jax.nn.gelu(norm(x) @ params["w1"]) @ params["w2"].T
+    return jnp.sum(jnp.tanh(x)) + 1e-3 * sum(jnp.sum(w**2) for w in params.values())
+
+
+def _block_setup():
+    rng = np.random.default_rng(7)
+    base = {
+        name: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[0]), jnp.float32)
+        for name, shape in BLOCK_SHAPES.items()
+    }
+    probes = subspace.draw_probes(jax.random.key(3), base, BLOCK_RANK)
+    coordinates = [
+        {
+            name: jnp.asarray(0.1 * rng.standard_normal((BLOCK_RANK, shape[1])), jnp.float32)
+            for name, shape in BLOCK_SHAPES.items()
+        }
+        for _ in range(2)
+    ]
+    x = jnp.asarray(rng.standard_normal((1, TOKENS, WIDTH)), jnp.float32)
+    return base, probes, coordinates, x
+
+
+def test_einsum_transformer_block_keeps_every_projection_factored():
+    base, probes, (first, second), x = _block_setup()
+    assert all(p is not None for p in jax.tree.leaves(probes.left))  # all projected
+
+    def factored_loss(b1, b2):
+        shifted = subspace.shifted(base, probes, b1, b2, factored=True)
+        return subspace.call_factored(_block, shifted, x)
+
+    value, (grad1, grad2) = jax.jit(jax.value_and_grad(factored_loss, argnums=(0, 1)))(
+        first, second
+    )
+    # The dense path: the shifted weights formed, the block differentiated as written.
+    shifted = subspace.shifted(base, probes, first, second, factored=False)
+    dense_value, dense_grad = jax.jit(jax.value_and_grad(_block))(shifted, x)
+    # float32 reassociation: both paths sum the same products in another order (x W0 +
+    # (x P) B vs x (W0 + P B)), sums of at most ~100 terms of size ~1 per layer, over
+    # 6 layers and a softmax (Lipschitz ~1): ~6 * 100 * 6e-8 = 4e-5 of the scale.
+    np.testing.assert_allclose(value, dense_value, rtol=1e-4)
+    for name in BLOCK_SHAPES:
+        g = np.asarray(dense_grad[name], np.float64)
+        scale = np.abs(g).max()
+        for coords_grad, probe in ((grad1, probes.left), (grad2, probes.right)):
+            want = np.asarray(probe[name], np.float64).T @ g
+            np.testing.assert_allclose(
+                coords_grad[name] / scale, want / scale, rtol=0, atol=1e-4, err_msg=name
+            )
+
+    closed = jax.make_jaxpr(jax.value_and_grad(factored_loss, argnums=(0, 1)))(first, second)
+    smallest_weight = min(int(np.prod(shape)) for shape in BLOCK_SHAPES.values())
+    largest = _largest_b_dependent_value(closed)
+    assert largest < smallest_weight, f"a weight-sized ({largest}) array depends on B"
 
 
 # ----------------------------------------------------------- memory of a BROS step
@@ -325,7 +475,12 @@ def _compiled_bytes(tx):
 
 def test_factored_bros_step_needs_less_memory_than_ma_soba():
     # Compiled, never run: the numbers are XLA's buffer assignment for this program.
-    # (Measured: factored BROS ~0.54x of MA-SOBA, naive BROS ~1.16x.)
+    # Every method holds the donated state (y and z: 2 x 4.3 MiB, mostly the 1024 x
+    # 1024 leaf, 4 MiB each). MA-SOBA must also hold that leaf's grad_y g and H z
+    # (produced by one pass, consumed together by the updates): >= 8 MiB more. Factored
+    # BROS holds r x n coordinates and 32 x 1024 activations (< 1 MiB). So factored /
+    # MA-SOBA <= (8.6 + 1) / (8.6 + 8) = 0.58, below the bound 0.8; the naive variant
+    # forms y + P B and its gradient densely, like MA-SOBA (>= 0.8).
     y0 = {}
     for i in range(3):
         y0[f"w{i}"] = jnp.zeros(WIDE[i : i + 2], jnp.float32)
