@@ -33,7 +33,11 @@ the update runs in ``jax.shard_map``, each device computing its node's oracles a
 mixing by ``ppermute`` with its neighbours only (:mod:`optstab.bilevel.mixing`).
 
 Also ours: ``y0`` is ``inner_init(x_i)`` per node when ``inner_init`` is callable, else
-the same ``inner_init`` on every node; ``z`` and ``h`` start at zero in float32.
+the same ``inner_init`` on every node; ``z`` and ``h`` start at zero in float32. A node
+whose losses or products are not finite skips its own adapt step (its ``y``, ``z``, ``h``
+enter the mixing unchanged and its output is zero), as the centralized solvers skip a
+step (:mod:`optstab.bilevel._core`); ``nonfinite`` counts the skips per node, so no
+node needs to hear about another's.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from optstab._random import as_key
-from optstab.bilevel import mixing, oracles
+from optstab.bilevel import _core, mixing, oracles
 from optstab.bilevel.problem import (
     BilevelProblem,
     BilevelState,
@@ -54,10 +58,7 @@ from optstab.bilevel.problem import (
     check_problem,
     check_radius,
 )
-from optstab.bilevel.soba import descend, project_ball
 from optstab.bilevel.topology import Topology
-
-_MISSING = object()
 
 
 def dsoba(
@@ -136,25 +137,30 @@ def dsoba(
     gamma = as_schedule("aux_lr", aux_lr)
     inner = _fd_oracles(problem, fd_delta) if first_order else _product_oracles(problem)
 
-    def local_step(x, y, z, inner_batch, outer_batch, count):
-        """One node's adapt step: the hypergradient estimate and the unmixed y, z."""
+    def local_step(x, y, z, w, inner_batch, outer_batch, count):
+        """One node's adapt step: new w and the unmixed y, z (unchanged if not finite)."""
         outer = oracles.outer_gradients(problem, x, y, outer_batch)
         x_, z_, inner_batch = oracles.after(outer, x, z, inner_batch)
         grad_y, hessian_z, cross_z = inner(x_, y, z_, inner_batch)
-        y = descend(y, grad_y, beta(count))
-        z = descend(z_, jax.tree.map(jnp.subtract, hessian_z, outer.y), gamma(count))
-        return jax.tree.map(jnp.subtract, outer.x, cross_z), y, z
+        aux = jax.tree.map(jnp.subtract, hessian_z, outer.y)
+        direction = jax.tree.map(jnp.subtract, outer.x, cross_z)
+        ok = _core.all_finite(grad_y, aux, direction)
+        y = _core.descend(y, _core.zero_unless(ok, grad_y), beta(count))
+        z = _core.descend(z_, _core.zero_unless(ok, aux), gamma(count))
+        theta = jnp.where(ok, average, 0.0)  # a skipped step keeps w exactly
+        d = _core.zero_unless(ok, direction)
+        w = jax.tree.map(lambda w_, d_: (1 - theta) * w_ + theta * d_, w, d)
+        return w, y, z, ok
 
     def node_update(x, y, z, w, inner_batch, outer_batch, count, axis_name):
         """All nodes of this device: adapt (vmapped), then combine (mix)."""
         step = lambda *a: local_step(*a, count)
-        direction, y, z = jax.vmap(step)(x, y, z, inner_batch, outer_batch)
+        w, y, z, ok = jax.vmap(step)(x, y, z, w, inner_batch, outer_batch)
         y = mixing.mix(topology, y, axis_name)
         z = mixing.mix(topology, z, axis_name)
         if radius is not None:
-            z = jax.vmap(lambda t: project_ball(t, radius))(z)
-        w = jax.tree.map(lambda w_, d: (1 - average) * w_ + average * d, w, direction)
-        return y, z, w
+            z = jax.vmap(lambda t: _core.project_ball(t, radius))(z)
+        return y, z, w, ok
 
     def init_fn(x: PyTree) -> BilevelState:
         mixing.check_node_axis(topology, x, "dsoba's x")
@@ -166,31 +172,29 @@ def dsoba(
             w=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), x),
             key=as_key(key),
             count=jnp.zeros([], jnp.int32),
+            nonfinite=jnp.zeros([topology.num_nodes], jnp.int32),  # per node
         )
 
     def update_fn(
-        updates, state, params=None, *, inner_batch=_MISSING, outer_batch=_MISSING, **extra
+        updates, state, params=None, *, inner_batch=_core.MISSING, outer_batch=_core.MISSING, **_
     ):
-        del updates, extra
-        if params is None:
-            raise ValueError("dsoba needs params (the upper variable x, with a node axis)")
-        if inner_batch is _MISSING or outer_batch is _MISSING:
-            raise ValueError("dsoba needs the inner_batch and outer_batch args")
-        for what, tree in (
-            ("x", params),
-            ("inner_batch", inner_batch),
-            ("outer_batch", outer_batch),
-        ):
-            mixing.check_node_axis(topology, tree, f"dsoba's {what}")
+        del updates
+        _check_inputs(problem, topology, params, state, inner_batch, outer_batch)
         args = (params, state.y, state.z, state.w, inner_batch, outer_batch)
         if mesh is None:
-            y, z, w = node_update(*args, state.count, None)
+            y, z, w, ok = node_update(*args, state.count, None)
         else:
-            y, z, w = _on_mesh(node_update, args, state.count, mesh, axis)
+            y, z, w, ok = _on_mesh(node_update, args, state.count, mesh, axis)
         new_state = BilevelState(
-            y=y, z=z, w=w, key=state.key, count=optax.safe_increment(state.count)
+            y=y,
+            z=z,
+            w=w,
+            key=state.key,
+            count=optax.safe_increment(state.count),
+            nonfinite=state.nonfinite + jnp.where(ok, 0, 1).astype(jnp.int32),
         )
-        return oracles.cast_like(w, params), new_state
+        output = jax.vmap(_core.zero_unless)(ok, w)
+        return oracles.cast_like(output, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -235,6 +239,19 @@ def _fd_oracles(problem: BilevelProblem, fd_delta: float):
 
 
 # ----------------------------------------------------------------------------- execution
+
+
+def _check_inputs(problem, topology, x, state, inner_batch, outer_batch) -> None:
+    """Node axes everywhere, x like the state, and one node's losses traceable."""
+    if x is None:
+        raise ValueError("dsoba needs params (the upper variable x, with a node axis)")
+    if inner_batch is _core.MISSING or outer_batch is _core.MISSING:
+        raise ValueError("dsoba needs the inner_batch and outer_batch args")
+    for what, tree in (("x", x), ("inner_batch", inner_batch), ("outer_batch", outer_batch)):
+        mixing.check_node_axis(topology, tree, f"dsoba's {what}")
+    _core.check_like_state(x, state.w)
+    node = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree)
+    _core.check_losses(problem, node(x), node(state.y), node(inner_batch), node(outer_batch))
 
 
 def _broadcast(tree: PyTree, n: int) -> PyTree:

@@ -259,3 +259,19 @@ def test_the_mesh_program_permutes_to_neighbours_and_gathers_nothing(mesh_result
         ops = mesh_results[name]["ops"]
         assert ops["collective-permute"] > 0
         assert ops["all-gather"] == 0 and ops["all-to-all"] == 0
+
+
+def test_a_node_with_a_non_finite_loss_skips_its_own_step_only():
+    ring = topology.ring(4)
+    tx = bilevel.dsoba(PROBLEM, ring, 0.2, 0.2, 0.5)
+    (h, c), b, _ = heterogeneous_nodes(4)
+    x = jnp.ones((4, DIM))
+    state = tx.init(x)
+    _, state = tx.update(x, state, x, inner_batch=(h, c), outer_batch=b)
+    bad = b.at[2, 0].set(jnp.nan)  # node 2's outer loss is NaN
+    out, new = tx.update(x, state, x, inner_batch=(h, c), outer_batch=bad)
+    np.testing.assert_array_equal(new.nonfinite, [0, 0, 1, 0])
+    np.testing.assert_array_equal(out[2], np.zeros(DIM))  # node 2 outputs nothing
+    np.testing.assert_array_equal(new.w[2], state.w[2])  # and keeps its average exactly
+    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(new.y)))
+    assert np.all(np.isfinite(np.asarray(new.z)))
