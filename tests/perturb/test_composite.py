@@ -1,12 +1,14 @@
 """optstab.perturb.composite: operators, losses, Lipschitz constants and where the
 forward and backward perturbations of a Composite reach the block gradients."""
 
+import collections
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from optstab import perturb
 
@@ -317,3 +319,68 @@ def test_block_norms_and_errors():
 def test_bad_arguments_raise_value_error_naming_them(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+# ------------------------------------------------------------------ idle points
+
+
+def primitives(jaxpr, counts=None) -> collections.Counter:
+    """Every primitive of a jaxpr and of the jaxprs nested in it (cond branches, jit...)."""
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] += 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else [value]:
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    primitives(sub.jaxpr, counts)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    primitives(sub, counts)
+    return counts
+
+
+def gradient_primitives(model, params, injection) -> collections.Counter:
+    return primitives(jax.make_jaxpr(model.gradient)(params, X, Y, injection).jaxpr)
+
+
+RANDOM = ("random_bits", "random_wrap", "random_split", "random_fold_in", "threefry2x32")
+
+
+def test_points_that_are_not_built_add_no_operation():
+    keys = perturb.operator_keys(ROOT, 0, DEEP.num_operators)
+    n = DEEP.num_operators
+    none_built = DEEP.make_injection(keys, 0.3, 0.3, perturb.Points((False,) * n, (False,) * n))
+    clean = gradient_primitives(DEEP, DEEP_PARAMS, None)
+    assert gradient_primitives(DEEP, DEEP_PARAMS, none_built) == clean
+    assert clean["cond"] == 0 and not any(clean[p] for p in RANDOM)
+    # One built point (backward at operator 2): one cond; its noise and its select are
+    # the only additions; the other 2N - 1 points add nothing.
+    one = perturb.Points((False,) * n, (False, False, True, False, False))
+    with_one = gradient_primitives(DEEP, DEEP_PARAMS, DEEP.make_injection(keys, 0.3, 0.3, one))
+    assert with_one["cond"] == 1 and with_one["random_bits"] == 1
+    every = gradient_primitives(DEEP, DEEP_PARAMS, DEEP.make_injection(keys, 0.3, 0.3))
+    assert every["cond"] == 2 * n and every["random_bits"] == 2 * n
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_a_named_point_gives_the_same_bits_with_or_without_idle_points_built(k):
+    """Building the other 2N - 1 points at size 0 (exact identities) changes no bit."""
+    keys = perturb.operator_keys(ROOT, 3, DEEP.num_operators)
+    n = DEEP.num_operators
+    only_k = perturb.Points((False,) * n, tuple(i == k for i in range(n)))
+    sizes = one_hot_sizes(DEEP, k, 0.3)
+
+    @jax.jit
+    def both(params):
+        all_built = DEEP.make_injection(keys, zeros(DEEP), sizes)
+        one_built = DEEP.make_injection(keys, zeros(DEEP), sizes, only_k)
+        return DEEP.gradient(params, X, Y, all_built), DEEP.gradient(params, X, Y, one_built)
+
+    all_built, one_built = both(DEEP_PARAMS)
+    assert_trees_bitwise_equal(one_built, all_built)
+    assert differs(one_built, DEEP.gradient(DEEP_PARAMS, X, Y))
+
+
+def test_points_must_cover_every_operator():
+    keys = perturb.operator_keys(ROOT, 0, 3)
+    with pytest.raises(ValueError, match="points must name 3 operators"):
+        MLP.make_injection(keys, points=perturb.Points((True,), (True,) * 3))

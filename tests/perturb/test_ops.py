@@ -268,3 +268,40 @@ def test_stochastic_rounding_without_a_key_raises():
         perturb.forward(X, None, 1.0, "round", rounding="stochastic")
     with pytest.raises(ValueError, match="key"):
         jax.grad(lambda x: perturb.backward(x, None, 1.0, "round", rounding="stochastic").sum())(X)
+
+
+# ---------------------------------------------------------------- complex values
+
+Z = jnp.array([[3.0 + 4.0j, 1.0 - 2.0j], [0.5j, -1.5 + 0.0j]], jnp.complex64)
+
+
+def test_complex_bias_scales_real_and_imaginary_parts():
+    # -0.5 * z is exact in complex64 (a power of two), so z + delta is too.
+    y = jax.jit(lambda z: perturb.forward(z, KEY, 0.5, "bias"))(Z)
+    assert y.dtype == jnp.complex64
+    np.testing.assert_array_equal(y, [[1.5 + 2.0j, 0.5 - 1.0j], [0.25j, -0.75 + 0.0j]])
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_complex_random_modes_perturb_both_parts_with_the_norm_of_abs_z(mode):
+    delta = np.asarray(jax.jit(lambda z: perturb.forward(z, KEY, 0.25, mode))(Z)) - np.asarray(Z)
+    # ||Z|| = sqrt(25 + 5 + 0.25 + 2.25) = sqrt(32.5), the norm of |z| (not of the real part).
+    want = 0.25 if mode == "absolute" else 0.25 * np.sqrt(32.5)
+    # float32 error: the norms of 8 real coordinates and the products scale * ||v|| * u /
+    # ||u|| carry a few ulps each, and each element of z + delta one ulp of |z + delta|
+    # (<= |z| + |delta| <= 6): 16 * eps relative to ||delta|| is ample for both.
+    tol = 16 * np.finfo(np.float32).eps * (1 + np.sqrt(32.5) / want)
+    np.testing.assert_allclose(np.linalg.norm(delta), want, rtol=tol)
+    assert np.all(delta.imag != 0) and np.all(delta.real != 0)
+
+
+def test_complex_round_rounds_each_part():
+    z = jnp.array([0.3 + 1.1j, 5.2 - 0.2j, 2.6 + 7.0j], jnp.complex64)
+    y = jax.jit(lambda z: perturb.forward(z, KEY, 1.0, "round", fmt="float4_e2m1"))(z)
+    # float4 e2m1 grid: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (saturating at 6).
+    np.testing.assert_array_equal(y, [0.5 + 1.0j, 6.0 - 0.0j, 3.0 + 6.0j])
+
+
+def test_integer_values_are_rejected():
+    with pytest.raises(ValueError, match="float or complex"):
+        perturb.forward(jnp.arange(3), KEY, 0.1)

@@ -384,12 +384,53 @@ def test_lipschitz_is_zero_when_not_tracked():
         ({"tolerance": -0.1}, "tolerance"),
         ({"perturbation": perturb.Perturbation(backward={3: 1.0})}, "operator index"),
         ({"perturbation": perturb.Perturbation(forward={-3: 1.0})}, "operator index"),
+        ({"perturbation": {0: 1.0}}, "perturbation must be"),
+        ({"perturbation": perturb.Perturbation(forward={0: 1.0, -2: 0.5})}, "twice"),
+        ({"learning_rate": -0.1}, "learning_rate must be >= 0"),
+        ({"t0": -1}, "t0"),
+        ({"horizon": 1.5}, "horizon"),
+        ({"divergence_factor": 0.0}, "divergence_factor"),
+        ({"radius": -1.0}, "radius"),
+        ({"x": X[:, :2]}, "^x has 2 features per example, but params were built for"),
+        ({"x": X[0]}, "^x must be 2-D"),
+        ({"y": Y[:10]}, r"^y must hold one label per example of x, shape \(64,\)"),
+        ({"y": Y + 1}, r"^y must hold labels in \[0, 1\] for the logistic loss"),
+        ({"y": -Y}, r"^y must hold labels in \[0, 1\]"),
+        ({"eval_data": (X, 2 * Y)}, r"^eval_data\[1\] must hold labels in \[0, 1\]"),
+        ({"eval_data": (X[:, 1:], Y)}, r"^eval_data\[0\] has 2 features"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, name):
-    kwargs = {"num_steps": 3, "learning_rate": 0.1, **kwargs}
-    with pytest.raises(ValueError, match=name):
-        perturb.run_sgd(MLP, MLP_PARAMS, X, Y, **kwargs)
+    """One-line errors naming the argument, raised before anything is traced."""
+    kwargs = {"x": X, "y": Y, "num_steps": 3, "learning_rate": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name) as error:
+        perturb.run_sgd(MLP, MLP_PARAMS, kwargs.pop("x"), kwargs.pop("y"), **kwargs)
+    assert "\n" not in str(error.value)
+
+
+SOFTMAX = perturb.Composite([perturb.dense(3, "tanh"), perturb.dense(3)], loss="softmax")
+SOFTMAX_PARAMS = jax.jit(SOFTMAX.init, static_argnums=1)(jax.random.key(0), 3)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.arange(64) % 4, r"^y must hold class labels in \[0, 3\) for the softmax loss"),
+        (np.arange(64) % 3 - 1, r"^y must hold class labels in \[0, 3\)"),
+        (np.zeros(64, np.float32), "^y must hold integer class labels"),
+    ],
+)
+def test_softmax_labels_outside_the_classes_are_rejected(labels, message):
+    with pytest.raises(ValueError, match=message):
+        perturb.run_sgd(SOFTMAX, SOFTMAX_PARAMS, X, labels, num_steps=2, learning_rate=0.1)
+
+
+def test_traced_labels_are_checked_for_shape_only():
+    # Values of a traced y cannot be read without a host sync: only shapes are checked.
+    run = jax.jit(lambda y: perturb.run_sgd(MLP, MLP_PARAMS, X, y, num_steps=1, learning_rate=0.1))
+    assert run(Y).trace.loss.shape == (1,)
+    with pytest.raises(ValueError, match="one label per example"):
+        run(Y[:3])
 
 
 def test_perturbation_sizes_from_numbers_schedules_and_mappings():
@@ -398,3 +439,40 @@ def test_perturbation_sizes_from_numbers_schedules_and_mappings():
     np.testing.assert_array_equal(forward, [0.5, 0.5, 0.5])
     np.testing.assert_array_equal(backward, [0.25, 0.0, 0.25])
     np.testing.assert_array_equal(perturb.Perturbation().sizes(jnp.asarray(0), 2)[0], [0.0, 0.0])
+
+
+def test_perturbation_names_only_the_points_it_is_given():
+    n = 3
+    assert perturb.Perturbation().points(n) == perturb.Points((False,) * 3, (False,) * 3)
+    # A Python 0 (alone or in a mapping) names nothing; any other number, schedule or
+    # array names its points, even if its value is 0 at some step.
+    spec = perturb.Perturbation(forward=0, backward={0: 0.0, -1: perturb.inverse(1.0)})
+    assert spec.points(n) == perturb.Points((False,) * 3, (False, False, True))
+    everywhere = perturb.Perturbation(forward=jnp.float32(0.0), backward=0.1)
+    assert everywhere.points(n) == perturb.Points.every(n)
+    injection = spec.injection(perturb.operator_keys(jax.random.key(0), 2, n), 2, n)
+    assert injection.points == spec.points(n)
+    np.testing.assert_array_equal(injection.backward, [0.0, 0.0, np.float32(1) / np.float32(3)])
+
+
+def test_run_sgd_builds_only_the_named_points():
+    """Idle points of run_sgd's step cost nothing: no cond, select or RNG op of theirs."""
+    from test_composite import primitives
+
+    def ops_of(perturbation):
+        run = lambda: perturb.run_sgd(  # noqa: E731
+            MLP, MLP_PARAMS, X, Y, num_steps=2, learning_rate=0.5, perturbation=perturbation
+        )
+        return primitives(jax.make_jaxpr(run)().jaxpr)
+
+    idle = ops_of(perturb.Perturbation())
+    assert idle == ops_of(perturb.Perturbation(forward=0, backward={0: 0, 1: 0.0}))
+    # (The step's keys are still derived, one fold_in and split per step; no noise drawn.)
+    assert idle["cond"] == 0 and idle["random_bits"] == 0
+    one = ops_of(perturb.Perturbation(backward={-1: 0.3}))
+    assert one["cond"] == 1 and one["random_bits"] == 1
+    # The named point brings its own selects (inside its noise); no other one does.
+    assert (
+        one["select_n"] - idle["select_n"]
+        == ops_of(perturb.Perturbation(backward={0: 0.3}))["select_n"] - idle["select_n"]
+    )

@@ -238,3 +238,36 @@ def test_checkpoint_round_trip_keeps_the_key_and_continues_bit_identically(tmp_p
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         perturb.perturbed_updates(**kwargs)
+
+
+# ------------------------------------------------------------------ complex leaves
+
+COMPLEX = {"z": jnp.array([3.0 + 4.0j, 1.0 - 2.0j, 0.5j], jnp.complex64), "r": jnp.ones(2)}
+
+
+def test_complex_leaves_keep_their_imaginary_part_in_bias_mode():
+    tx = perturb.perturbed_updates(0.5, mode="bias")
+    updates, _ = jax.jit(tx.update)(COMPLEX, tx.init(COMPLEX))
+    assert updates["z"].dtype == jnp.complex64 and updates["r"].dtype == jnp.float32
+    # 0.5 * z exactly (a power of two): the imaginary parts are not dropped.
+    np.testing.assert_array_equal(updates["z"], [1.5 + 2.0j, 0.5 - 1.0j, 0.25j])
+    np.testing.assert_array_equal(updates["r"], [0.5, 0.5])
+
+
+def test_complex_leaves_relative_noise_has_the_norm_of_abs_z():
+    tx = perturb.perturbed_updates(0.1, mode="relative", key=3)
+    updates, _ = jax.jit(tx.update)(COMPLEX, tx.init(COMPLEX))
+    delta = np.asarray(updates["z"]) - np.asarray(COMPLEX["z"])
+    # ||z|| = sqrt(25 + 5 + 0.25) = 5.5 exactly. float32 error: a few ulps from the norms
+    # of 6 real coordinates and the products, plus one ulp of each |z + delta| (<= 5.5 *
+    # 1.1) in the difference taken here: 16 eps * (1 + 1 / 0.1) relative to ||delta||.
+    tol = 16 * np.finfo(np.float32).eps * (1 + 1 / 0.1)
+    np.testing.assert_allclose(np.linalg.norm(delta), 0.1 * 5.5, rtol=tol)
+    assert np.all(delta.imag != 0)
+
+
+def test_complex_leaves_round_each_part():
+    grads = {"z": jnp.array([0.3 + 1.1j, 5.2 - 0.2j], jnp.complex64)}
+    tx = perturb.perturbed_updates(1.0, mode="round", fmt="float4_e2m1")
+    updates, _ = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_array_equal(updates["z"], [0.5 + 1.0j, 6.0 - 0.0j])
