@@ -227,6 +227,43 @@ def test_statement_6_recovery_time_is_linear_in_log_spike_size():
     assert slope > 0 and r2 > 0.9, (times, slope, r2)
 
 
+def bias_rounding_bound(trace, sizes) -> np.ndarray:
+    """``(sizes, steps)`` bound on ``|relative_grad_error / size - 1|`` in statement 7.
+
+    The model is ``dense(4, tanh)`` then a logistic head on LX, LY (n = 64 examples,
+    no regulariser), the bias ``size`` at the output cotangent ``c``, with
+    ``c_i = (sigmoid(z_i) - y_i) / n``. Both gradients of a step run the same forward
+    operations on the same inputs (XLA merges them), so only the backward pass differs:
+    ``g = B(c)`` and ``g_hat = B(c')`` with ``c' = fl(c - fl(size * c))``, and ``B`` is
+    linear. With ``u = 2**-24`` (float32 unit roundoff):
+
+    * ``|c' - (1 - size) c| <= 2u |c|``;
+    * each gradient element is a sum over the n examples of products of at most 8
+      rounded factors, so ``|fl(B(a)) - B(a)| <= gamma_m |B|(|a|)``, ``m = n + 8``,
+      ``gamma_m = m u / (1 - m u)``, where ``|B|(|a|)`` is the same sums of absolute
+      values; then ``fl(g_hat - g)`` adds one rounding, the norms a few (``8u``).
+
+    Hence ``|fl(g_hat - g) + size g| <= (2u + (2 + size) gamma_m) A`` with
+    ``A = || |B|(|c|) ||``, divided by ``size ||g||``. ``A`` is bounded from the trace:
+    the absolute per-example gradient ``v_i`` has ``||v_i||^2 <= ||h_i||^2 + 1 +
+    (||x_i||^2 + 1) ||w_2||^2 <= 5 + (max ||x||^2 + 1) param_norm^2`` (|tanh| <= 1, 4
+    units), and ``sum_i |c_i| = mean |sigmoid - y| <= 1 - exp(-loss)`` (``|sigmoid - y| =
+    1 - exp(-l_i)``, concave in ``l_i``). ``||g|| = grad_norm / |1 - size|``. At size 1,
+    ``c' = 0`` exactly, so ``g_hat = 0`` and the ratio is 1 up to the two norms' rounding
+    (21 squares each): ``64u``.
+    """
+    u = 2.0**-24
+    m = LX.shape[0] + 8
+    gamma = m * u / (1 - m * u)
+    x2 = float(np.max(np.sum(np.asarray(LX, np.float64) ** 2, axis=1)))
+    a = np.sqrt(5 + (x2 + 1) * trace.param_norm**2) * (1 - np.exp(-trace.loss))
+    s = np.asarray(sizes, np.float64)[:, None]
+    exact = s == 1
+    g = trace.grad_norm / np.where(exact, 1.0, np.abs(1 - s))
+    bound = (2 * u + (2 + s) * gamma) * a / (s * np.where(exact, 1.0, g)) + 8 * u
+    return np.where(exact, 64 * u, bound)
+
+
 def test_statement_7_persistent_backward_bias_converges_only_below_one():
     # No regulariser: a bias at the output cotangent scales every block's gradient by
     # (1 - size), so the relative gradient error is exactly the size.
@@ -245,9 +282,9 @@ def test_statement_7_persistent_backward_bias_converges_only_below_one():
         )
 
     result = jax.jit(jax.vmap(run))(jnp.asarray(sizes))
-    np.testing.assert_allclose(
-        result.trace.relative_grad_error, np.broadcast_to(sizes[:, None], (4, 1000)), rtol=1e-4
-    )
+    trace = jax.tree.map(lambda v: np.asarray(v, np.float64), result.trace)
+    relative = trace.relative_grad_error / sizes[:, None]
+    np.testing.assert_array_less(np.abs(relative - 1), bias_rounding_bound(trace, sizes))
     loss = np.asarray(result.trace.loss)
     clean_final = float(result.trace.loss_clean[0, -1])
     assert clean_final < 0.5 * loss[0, 0]  # the clean run learns
