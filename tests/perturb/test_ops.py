@@ -238,15 +238,22 @@ def test_bfloat16_relative_size_is_right_up_to_bfloat16_rounding():
     )
 
 
-def test_perturbation_function_matches_the_operator():
-    spec = perturb.make_spec("absolute")
-    delta = perturb.perturbation(X, KEY, 0.4, spec)
-    # The same noise computed in two programs: the norm of 20 draws may be summed in
-    # another order (gamma(22) relative to |delta|), and x + delta rounds once (U |y|).
-    y = fwd(X, KEY, 0.4, "absolute")
-    bound = gamma(22) * np.abs(np.asarray(delta)) + U * np.abs(np.asarray(y))
-    assert_within(y, np.asarray(X, np.float64) + np.asarray(delta, np.float64), 2 * bound)
-    assert delta.dtype == jnp.float32 and delta.shape == X.shape
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_perturbation_function_has_each_modes_closed_form(mode):
+    """``perturbation`` (the delta the operators add) against each mode's definition."""
+    spec = perturb.make_spec(mode, fmt="float4_e2m1")
+    delta = np.asarray(jax.jit(perturb.perturbation, static_argnums=3)(X, KEY, 0.4, spec))
+    assert delta.dtype == np.float32 and delta.shape == X.shape
+    x = np.asarray(X, np.float64)
+    if mode == "bias":
+        np.testing.assert_array_equal(delta, np.float32(-0.4) * np.asarray(X))
+    elif mode == "round":  # 0.4 (q(x) - x): one rounding of the difference, one product
+        q = np.asarray(round_to_format(X, "float4_e2m1"), np.float64)
+        assert_within(delta, 0.4 * (q - x), 2 * U * 0.4 * np.abs(q - x))
+    else:  # norms of 20 values (gamma(22) each) and a few products: noise_norm_rtol
+        want = 0.4 if mode == "absolute" else 0.4 * norm(X)
+        rtol = 2 * gamma(X.size + 2) + 4 * U
+        np.testing.assert_allclose(norm(delta), want, rtol=rtol)
 
 
 # ---------------------------------------------------------------- validation
