@@ -55,6 +55,18 @@ def tiny(config=None):
     return Tiny(config or lowprec.quant_config("int8"), nnx.Rngs(0))
 
 
+@nnx.jit
+def forward(model, tokens):
+    """One jitted forward pass (eager dispatch of every small op is slow to compile)."""
+    return model(tokens)
+
+
+@nnx.jit
+def switch_and_read(model, mask):
+    lowprec.set_high_precision(model, mask, strict=False)
+    return lowprec.high_precision_flags(model)
+
+
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (3, LENGTH)), jnp.int32)
 LAYERS = ["blocks/0/up", "blocks/0/down", "blocks/1/up", "blocks/1/down"]
 # Written out by hand: the unit of every parameter leaf of Tiny.
@@ -136,12 +148,13 @@ def test_unit_names_are_the_layers_that_set_high_precision_switches_and_amax_sig
     labels = labels_by_leaf(lowprec.recoverable_units(model), nnx.state(model, nnx.Param))
     units = sorted({label for label in labels.values() if label is not None})
     assert units == sorted(LAYERS)
-    model(TOKENS)
+    forward(model, TOKENS)
     assert sorted(lowprec.amax_signal(model)) == units
     for unit in units:  # each unit name switches exactly its own layer
-        lowprec.set_high_precision(model, {unit: jnp.array(True)}, strict=False)
-        flags = {path: bool(flag) for path, flag in lowprec.high_precision_flags(model).items()}
-        assert flags == {path: path == unit for path in LAYERS}
+        flags = switch_and_read(model, {unit: jnp.array(True)})
+        assert {path: bool(flag) for path, flag in flags.items()} == {
+            path: path == unit for path in LAYERS
+        }
 
 
 def test_a_model_without_quantized_layers_has_no_recoverable_units():
@@ -189,7 +202,7 @@ def test_amax_signal_is_the_newest_entry_of_the_delayed_history():
     model = tiny(lowprec.quant_config("int8", scale_mode="delayed", history=3))
     for scale in (1.0, 3.0):
         model.embed.embedding.set_value(scale * model.embed.embedding.get_value())
-        model(TOKENS)
+        forward(model, TOKENS)
         for path, layer in lowprec.quant_layers(model):
             assert float(lowprec.amax_signal(model)[path]) == float(layer.amax_history[0])
     assert np.all(np.asarray(model.blocks[0].up.amax_history.get_value())[:2] > 0)
@@ -199,7 +212,7 @@ def test_amax_signal_is_zero_before_the_first_call_and_kept_when_non_finite():
     model = tiny(lowprec.quant_config("int8", scale_mode="delayed", history=2))
     assert all(float(v) == 0.0 for v in lowprec.amax_signal(model).values())
     model.embed.embedding.set_value(model.embed.embedding.get_value().at[TOKENS[0, 0]].set(jnp.inf))
-    model(TOKENS)
+    forward(model, TOKENS)
     layer = model.blocks[0].up
     assert not np.isfinite(float(lowprec.amax_signal(model)["blocks/0/up"]))
     assert float(layer.amax_history[0]) == 0.0  # the history skips it, the signal keeps it
