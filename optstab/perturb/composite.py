@@ -13,6 +13,12 @@ local Lipschitz constants ``L_i = ||d z_i / d z_{i-1}||`` and ``M_i = ||d z_i / 
 (spectral norms of the Jacobians over the whole batch), which
 :func:`jacobian_norms` computes exactly or by power iteration.
 
+Which of the ``2N`` points exist is static (:class:`Points`, ``Injection.points``): a
+point that is not built adds no operation to the computation, while a built point at a
+traced size 0 is an exact identity that still costs a ``lax.cond``.
+:class:`~optstab.perturb.Perturbation` builds only the points it names, so idle points
+cost nothing (``Composite.make_injection`` builds every point unless told otherwise).
+
 Operators: :func:`dense` (affine map with an optional tanh or relu), :func:`linear` (a
 square bias-free factor of a deep linear factorisation, initialised as ``gain`` times a
 random orthogonal matrix, so its Lipschitz constant starts at ``gain``) and
