@@ -17,21 +17,40 @@ the names are equal, or one is a '/'-prefix of the other. So per-leaf GNMR units
 (``"blocks/0"``) all drive the right layers. Unit names are those GNMR gives the
 model's ``nnx.Param`` state (the layer's attribute path joined with '/').
 
+Wiring GNMR to the quantized layers takes one line each way (extensions of ours, not
+the GNMR paper's): :func:`recoverable_units` is a units spec that puts each quantized
+layer's parameters in one unit named by the layer's path and leaves every other
+parameter (norms, embeddings, positions: they have no low-precision path, so precision
+recovery cannot help them) out of all units; :func:`amax_signal` gives, per quantized
+layer, the input amax its quantizer saw in the latest forward pass, the forward signal
+that shows an activation-outlier burst before the gradient does::
+
+    tx = optax.chain(optstab.gnmr(signal="external", units=lowprec.recoverable_units(model),
+                                  action=("precision",)), optax.adamw(1e-3))
+    ...  # in the step, after the forward/backward pass:
+    optimizer.update(model, grads, unit_signal=lowprec.amax_signal(model))
+
+A layer *has a low-precision path* when it holds a :class:`HighPrecision` switch in an
+attribute named ``high_precision`` (as :class:`QuantLinear` does); :func:`quant_layers`,
+:func:`set_high_precision` and :func:`recoverable_units` find every such layer, and
+:func:`amax_signal` reads its :class:`QuantState` named ``input_amax``.
+
 Bookkeeping that is not trained lives in :class:`QuantState` variables: the input amax
-of the last call (:func:`input_amax`), the amax history of delayed scaling and the PRNG
+of the last call (:func:`amax_signal`), the amax history of delayed scaling and the PRNG
 key of stochastic rounding (split on each call, so the same key gives the same bits).
 In a functional training step, split the model with ``nnx.split(model, nnx.Param, ...)``
 and carry the rest of the state (``QuantState`` and ``HighPrecision``) alongside the
 parameters.
 
-Design choices (ours): the kernel is always scaled per tensor with current scaling;
-the bias is added in float32; a layer in high precision still records its input
-amax, so a delayed scale is current when the layer drops back to low precision.
+Design choices (ours): the kernel is scaled per tensor with current scaling, or per
+``block_size x block_size`` block under ``scaling="fine_grained"``; the bias is added in
+float32; a layer in high precision still records its input amax, so a delayed scale is
+current when the layer drops back to low precision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,6 +58,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from optstab.lowprec import scaling as q
+from optstab.lowprec import stress
+from optstab.tree import leaf_names
 
 DEFAULT_CONFIG = q.QuantConfig()
 SUPPORTED_LINEAR_OPTIONS = frozenset(
@@ -115,25 +136,28 @@ class QuantLinear(nnx.Linear):
         return k_input, k_kernel, k_cotangent
 
     def _input_scale(self, x: jax.Array) -> jax.Array:
-        current = q.amax(x, self.config.scaling)
+        config = self.config
+        current = q.amax(x, config.scaling, config.block_size)
         self.input_amax.set_value(jax.lax.stop_gradient(jnp.max(current)))
-        if self.config.scale_mode == "current":
-            return q.scale_from_amax(current, self.config.fmt)
+        if config.scale_mode == "current":
+            return q.scale_from_amax(current, config.fmt)
         history = self.amax_history.get_value()
-        scale = q.scale_from_amax(q.delayed_amax(history, current), self.config.fmt)
+        scale = q.scale_from_amax(q.delayed_amax(history, current), config.fmt)
         self.amax_history.set_value(q.push_history(history, jax.lax.stop_gradient(current)))
         return scale
+
+    def _quantize_input(self, x: jax.Array, key: Any) -> jax.Array:
+        config = self.config
+        return q.fake_quant(x, self._input_scale(x), config.fmt, config.rounding, key)
 
     def __call__(self, inputs: jax.Array, outliers: jax.Array | None = None) -> jax.Array:
         """Applies the layer.
 
         Args:
           inputs: ``(..., in_features)``.
-          outliers: optional ``(in_features,)`` per-channel multipliers ``a`` for stress
-            tests: the quantizer sees ``x * a`` and the matmul uses ``Q(x * a) / a``, so
-            in exact arithmetic (and in high precision) the layer is unchanged and only
-            the format feels the outliers, as with the massive activations of large
-            LMs, which the following weights absorb.
+          outliers: stress tooling for benchmarks, not a training feature: optional
+            ``(in_features,)`` per-channel multipliers that only the input quantizer
+            sees (:func:`optstab.lowprec.stress.through_quantizer`); leave it ``None``.
         """
         config = self.config
         exact = self.high_precision.get_value()
@@ -142,42 +166,45 @@ class QuantLinear(nnx.Linear):
                 f"the high-precision switch has shape {jnp.shape(exact)}; a batched mask "
                 "(e.g. from vmapped optimizer states) must be applied inside jax.vmap"
             )
-        if outliers is not None and jnp.shape(outliers) != (self.in_features,):
-            raise ValueError(
-                f"outliers must have shape ({self.in_features},), got {jnp.shape(outliers)}"
-            )
+        stress.check_outliers(outliers, self.in_features)
         k_input, k_kernel, k_cotangent = self._next_keys()
         kernel = self.kernel.get_value()
         x = jnp.asarray(inputs, jnp.float32)
         w = jnp.asarray(kernel, jnp.float32)
-        if outliers is None:
-            x_seen = x
-        else:
-            outliers = jnp.asarray(outliers, jnp.float32)
-            x_seen = x * outliers
-        x_low = q.fake_quant(
-            x_seen, self._input_scale(x_seen), config.fmt, config.rounding, k_input
-        )
-        if outliers is not None:
-            x_low = x_low / outliers
-        w_scale = q.scale_from_amax(q.amax(w), config.fmt)
+        x_low = stress.through_quantizer(x, outliers, lambda v: self._quantize_input(v, k_input))
+        w_scale = q.scale_from_amax(q.weight_amax(w, config.scaling, config.block_size), config.fmt)
         w_low = q.fake_quant(w, w_scale, config.fmt, config.rounding, k_kernel)
         x = jnp.where(exact, x, x_low)
         w = jnp.where(exact, w, w_low)
         y = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
         if config.backward_fmt is not None:
             y = q.quantize_cotangent(
-                y, config.backward_fmt, config.scaling, config.rounding, k_cotangent, exact
+                y,
+                config.backward_fmt,
+                config.scaling,
+                config.rounding,
+                k_cotangent,
+                exact,
+                config.block_size,
             )
         if self.bias is not None:
             y = y + jnp.asarray(self.bias.get_value(), jnp.float32)
         return y.astype(jnp.result_type(inputs, kernel))
 
 
-def quant_layers(model: nnx.Module) -> Iterator[tuple[str, QuantLinear]]:
-    """``(path, layer)`` for every :class:`QuantLinear` in ``model`` ('/'-joined paths)."""
+def has_low_precision_path(node: Any) -> bool:
+    """Whether ``node`` is a layer with a low-precision path: an NNX module holding a
+    :class:`HighPrecision` switch named ``high_precision`` (e.g. a :class:`QuantLinear`)."""
+    return isinstance(node, nnx.Module) and isinstance(
+        getattr(node, "high_precision", None), HighPrecision
+    )
+
+
+def quant_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
+    """``(path, layer)`` for every layer of ``model`` with a low-precision path (every
+    :class:`QuantLinear`), in graph order; paths are '/'-joined attribute paths."""
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, QuantLinear):
+        if has_low_precision_path(node):
             yield "/".join(str(part) for part in path), node
 
 
@@ -190,7 +217,7 @@ def _overlaps(unit: str, path: str) -> bool:
 def set_high_precision(
     model: nnx.Module, mask: Mapping[str, jax.Array], *, strict: bool = True
 ) -> None:
-    """Sets every :class:`QuantLinear`'s switch from a ``{unit_name: bool}`` mask.
+    """Sets every quantized layer's switch from a ``{unit_name: bool}`` mask.
 
     Args:
       model: an NNX module containing :class:`QuantLinear` layers.
@@ -211,12 +238,87 @@ def set_high_precision(
         layer.high_precision.set_value(value)
 
 
+def amax_signal(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{layer_path: amax}``: each quantized layer's input amax in the latest forward pass.
+
+    The value is the largest magnitude the layer's input quantizer saw on its last call
+    (float32 scalar, no gradient), recorded in the layer's ``input_amax``
+    :class:`QuantState` by the forward pass itself, so it is traced and jit-safe: read
+    it right after the forward (or ``nnx.value_and_grad``) pass inside the same
+    ``nnx.jit`` step. Under delayed scaling it is the newest entry of the amax history
+    (except that a non-finite amax, which the history records as 0, is kept here: an
+    overflow is a signal). A layer in high precision records it too. Before the first
+    call it is 0.
+
+    The keys are the layer paths that :func:`recoverable_units` uses as unit names, so
+    the dict is GNMR's ``unit_signal`` for a model wired with those units.
+
+    Raises:
+      ValueError: when a quantized layer keeps no ``input_amax`` state.
+    """
+    signal = {}
+    for path, layer in quant_layers(model):
+        recorded = getattr(layer, "input_amax", None)
+        if not isinstance(recorded, QuantState):
+            raise ValueError(f"layer {path!r} keeps no input_amax QuantState to read")
+        signal[path] = recorded.get_value()
+    return signal
+
+
 def input_amax(model: nnx.Module) -> dict[str, jax.Array]:
-    """``{layer_path: amax}``: the largest input magnitude each :class:`QuantLinear`'s
-    quantizer saw on its last call (float32; what an outlier burst moves first)."""
-    return {path: layer.input_amax.get_value() for path, layer in quant_layers(model)}
+    """``{layer_path: amax}``: the same as :func:`amax_signal` (kept for existing code)."""
+    return amax_signal(model)
+
+
+def recoverable_units(model: nnx.Module) -> Callable[[Any], Any]:
+    """GNMR units of ``model``: one unit per quantized layer, nothing else watched.
+
+    Returns a units spec (a callable ``params -> labels``, like
+    :func:`optstab.units.by_regex`) for the model's parameter pytree, as
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` hands it to ``tx.init`` and
+    ``tx.update`` (an ``nnx.State``), or ``nnx.split(model, nnx.Param, ...)`` gives it:
+    every leaf of a layer with a low-precision path (:func:`quant_layers`) is labelled
+    with that layer's '/'-joined path (``"blocks/0/up"``, the name
+    :func:`set_high_precision` matches and :func:`amax_signal` uses as its key), and
+    every other leaf (norms, embeddings, positions, a float32 head) with ``None``: it
+    belongs to no unit, is not watched and passes through.
+
+    The layer paths are read from ``model`` when this is called (they are static).
+
+    Raises:
+      ValueError: when ``model`` has no layer with a low-precision path.
+
+    Example:
+      >>> import jax, optstab
+      >>> from flax import nnx
+      >>> from optstab import lowprec
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.norm = nnx.LayerNorm(4, rngs=rngs)
+      ...         self.up = lowprec.QuantLinear(4, 4, rngs=rngs)
+      >>> model = Net(nnx.Rngs(0))
+      >>> params = nnx.state(model, nnx.Param)
+      >>> labels = lowprec.recoverable_units(model)(params)
+      >>> optstab.tree.leaf_names(params)
+      ['norm/bias', 'norm/scale', 'up/bias', 'up/kernel']
+      >>> jax.tree.structure(params).flatten_up_to(labels)
+      [None, None, 'up', 'up']
+    """
+    layers = tuple(path for path, _ in quant_layers(model))
+    if not layers:
+        raise ValueError("the model has no quantized layer (no layer with a low-precision path)")
+
+    def unit_of(leaf_name: str) -> str | None:
+        owners = [path for path in layers if leaf_name.startswith(path + "/")]
+        return max(owners, key=len) if owners else None
+
+    def labels(params: Any) -> Any:
+        names = iter(leaf_names(params))
+        return jax.tree.map(lambda _: unit_of(next(names)), params)
+
+    return labels
 
 
 def high_precision_flags(model: nnx.Module) -> dict[str, jax.Array]:
-    """``{layer_path: bool}``: the current switch of every :class:`QuantLinear`."""
+    """``{layer_path: bool}``: the current switch of every quantized layer."""
     return {path: layer.high_precision.get_value() for path, layer in quant_layers(model)}

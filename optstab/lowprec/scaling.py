@@ -1,4 +1,4 @@
-"""Scaled fake quantization: per-tensor or per-token scales, current or delayed.
+"""Scaled fake quantization: per-tensor, per-token or fine-grained scales, current or delayed.
 
 A tensor ``x`` is stored in a narrow format as ``round(x / s) * s``: the scale ``s``
 maps the tensor's absolute maximum (its *amax*) onto the format's largest value, so
@@ -7,14 +7,20 @@ quantization"); no narrow dtype is stored and the matmul itself runs in float32,
 on hardware that accumulates FP8 or int8 products in float32.
 
 * Scaling granularity: ``"per_tensor"`` (one scale) or ``"per_token"`` (one scale per
-  row, i.e. per index of all leading axes, the amax taken over the last axis).
-* Scale source: ``"current"`` (the amax of this very tensor) or ``"delayed"`` (the
+  row, i.e. per index of all leading axes, the amax taken over the last axis), or
+  ``"fine_grained"``, the recipe of DeepSeek-V3 (arXiv 2412.19437, section 3.3.1): one
+  scale per ``1 x block_size`` tile of the activations (per token and per group of
+  ``block_size`` channels; the last tile may be shorter) and one per
+  ``block_size x block_size`` block of a weight matrix (:func:`weight_amax`), so an
+  outlier only coarsens its own tile. ``block_size`` is 128 in that recipe.
+* Scale source: ``"current"`` (the amax of this very tensor, computed where it is
+  quantized; the default, and what fine-grained recipes use) or ``"delayed"`` (the
   largest amax in a history of the last ``history`` calls, as in FP8 recipes with an
   amax history; the history is state that the caller carries, see
   :mod:`optstab.lowprec.layers`). Delayed scaling lags: a burst of large values
   saturates on its first call, and the inflated scale outlives the burst by up to
   ``history`` calls. With an empty (all-zero) history the current amax is used.
-  Delayed scaling is per-tensor only (rows change from call to call).
+  Delayed scaling is per-tensor only (rows and tiles change from call to call).
 * A zero or non-finite amax gives scale 1; a non-finite amax is not recorded in a
   delayed-scaling history (it would freeze the scale for ``history`` calls).
 * Finite out-of-range values saturate at the format's largest value (see
@@ -27,8 +33,10 @@ on hardware that accumulates FP8 or int8 products in float32.
   low-precision backward pass.
 
 These choices (saturation, straight-through gradients, the empty-history rule,
-per-tensor weights) are ours; they follow common FP8 and int8 training recipes but no
-particular paper.
+per-tensor weights outside the fine-grained recipe) are ours; they follow common FP8
+and int8 training recipes but no particular paper. The fine-grained tiles and blocks
+follow DeepSeek-V3's description; their simulation in float32 (no FP8 GEMM, no
+promotion of partial sums) is ours.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import jax.numpy as jnp
 
 from optstab.lowprec import formats
 
-SCALINGS = ("per_tensor", "per_token")
+SCALINGS = ("per_tensor", "per_token", "fine_grained")
 SCALE_MODES = ("current", "delayed")
 
 
@@ -50,13 +58,15 @@ class QuantConfig(NamedTuple):
 
     Attributes:
       fmt: format of the activations and weights (the matmul inputs).
-      scaling: ``"per_tensor"`` or ``"per_token"`` for the activations; weights are
-        always scaled per tensor.
+      scaling: ``"per_tensor"`` or ``"per_token"`` for the activations, weights scaled
+        per tensor; or ``"fine_grained"``: ``1 x block_size`` activation tiles and
+        ``block_size x block_size`` weight blocks, each with its own scale.
       scale_mode: ``"current"`` or ``"delayed"`` (activations; weights use current).
       rounding: ``"nearest"`` or ``"stochastic"``.
       history: amax history length for delayed scaling.
       backward_fmt: format of the output cotangent (current scaling, same granularity
-        as ``scaling``), or ``None`` to keep the backward pass in float32.
+        as ``scaling`` for activations), or ``None`` to keep the backward pass in float32.
+      block_size: tile and block width of ``"fine_grained"`` scaling (unused otherwise).
     """
 
     fmt: str = "float8_e4m3"
@@ -65,6 +75,7 @@ class QuantConfig(NamedTuple):
     rounding: str = "nearest"
     history: int = 16
     backward_fmt: str | None = None
+    block_size: int = 128
 
 
 def check_scaling(scaling: str) -> None:
@@ -79,8 +90,20 @@ def quant_config(
     rounding: str = "nearest",
     history: int = 16,
     backward_fmt: str | None = None,
+    block_size: int = 128,
 ) -> QuantConfig:
-    """Validates the options; raises ``ValueError`` naming the bad one."""
+    """Validates the options; raises ``ValueError`` naming the bad one.
+
+    Recipes: ``quant_config("float8_e4m3")`` is per-tensor current scaling;
+    ``scale_mode="delayed"`` takes the activation scale from an amax history;
+    ``quant_config("float8_e4m3", scaling="fine_grained")`` is DeepSeek-V3's 1x128 /
+    128x128 fine-grained current scaling.
+
+    Example:
+      >>> from optstab import lowprec
+      >>> lowprec.quant_config("int8", scaling="fine_grained", block_size=64).block_size
+      64
+    """
     formats.get_format(fmt)
     if backward_fmt is not None:
         formats.get_format(backward_fmt)
@@ -92,16 +115,74 @@ def quant_config(
         raise ValueError("scale_mode='delayed' needs scaling='per_tensor'")
     if isinstance(history, bool) or not isinstance(history, int) or history < 1:
         raise ValueError(f"history must be a static int >= 1, got {history!r}")
-    return QuantConfig(fmt, scaling, scale_mode, rounding, int(history), backward_fmt)
+    check_block_size(block_size)
+    return QuantConfig(
+        fmt, scaling, scale_mode, rounding, int(history), backward_fmt, int(block_size)
+    )
 
 
-def amax(x: jax.Array, scaling: str = "per_tensor") -> jax.Array:
-    """float32 absolute maximum: a scalar, or per row (last axis kept, size 1)."""
+def check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a static int >= 1, got {block_size!r}")
+
+
+def amax(x: jax.Array, scaling: str = "per_tensor", block_size: int = 128) -> jax.Array:
+    """float32 absolute maximum, broadcastable against ``x``.
+
+    A scalar (``"per_tensor"``); per row, the last axis kept with size 1
+    (``"per_token"``); or, for ``"fine_grained"``, the amax of each element's
+    ``1 x block_size`` tile along the last axis, repeated over the tile (shape of ``x``;
+    :func:`tile_amax` gives one value per tile).
+    """
     check_scaling(scaling)
     magnitude = jnp.abs(jnp.asarray(x, jnp.float32))
     if scaling == "per_tensor":
         return jnp.max(magnitude)
-    return jnp.max(magnitude, axis=-1, keepdims=True)
+    if scaling == "per_token":
+        return jnp.max(magnitude, axis=-1, keepdims=True)
+    tiles = tile_amax(magnitude, block_size)
+    return jnp.repeat(tiles, block_size, axis=-1)[..., : magnitude.shape[-1]]
+
+
+def _pad_to_blocks(x: jax.Array, block_size: int, axes: tuple[int, ...]) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    for axis in axes:
+        widths[axis] = (0, -x.shape[axis] % block_size)
+    return jnp.pad(x, widths)  # zeros never raise an amax
+
+
+def tile_amax(x: jax.Array, block_size: int = 128) -> jax.Array:
+    """float32 amax of each ``1 x block_size`` tile of the last axis: ``(..., tiles)``
+    with ``tiles = ceil(channels / block_size)`` (the last tile may be shorter)."""
+    check_block_size(block_size)
+    magnitude = _pad_to_blocks(jnp.abs(jnp.asarray(x, jnp.float32)), block_size, (-1,))
+    shape = (*magnitude.shape[:-1], magnitude.shape[-1] // block_size, block_size)
+    return jnp.max(magnitude.reshape(shape), axis=-1)
+
+
+def block_amax(w: jax.Array, block_size: int = 128) -> jax.Array:
+    """float32 amax of each ``block_size x block_size`` block of a 2-D ``w``:
+    ``(ceil(rows / block_size), ceil(cols / block_size))``."""
+    check_block_size(block_size)
+    if jnp.ndim(w) != 2:
+        raise ValueError(f"block scaling needs a 2-D weight, got shape {jnp.shape(w)}")
+    magnitude = _pad_to_blocks(jnp.abs(jnp.asarray(w, jnp.float32)), block_size, (0, 1))
+    rows, cols = magnitude.shape[0] // block_size, magnitude.shape[1] // block_size
+    return jnp.max(magnitude.reshape(rows, block_size, cols, block_size), axis=(1, 3))
+
+
+def weight_amax(w: jax.Array, scaling: str = "per_tensor", block_size: int = 128) -> jax.Array:
+    """float32 amax of a 2-D weight for the recipe ``scaling``, broadcastable against it.
+
+    One amax for the whole tensor, except under ``"fine_grained"``, where each element
+    gets the amax of its ``block_size x block_size`` block (:func:`block_amax`).
+    """
+    check_scaling(scaling)
+    if scaling != "fine_grained":
+        return amax(w)
+    blocks = block_amax(w, block_size)
+    rows = jnp.repeat(blocks, block_size, axis=0)[: w.shape[0]]
+    return jnp.repeat(rows, block_size, axis=1)[:, : w.shape[1]]
 
 
 def scale_from_amax(amax_value: jax.Array, fmt: str | formats.Format) -> jax.Array:
@@ -183,6 +264,7 @@ class _CotangentSpec(NamedTuple):
     fmt: str
     scaling: str
     rounding: str
+    block_size: int
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -196,7 +278,7 @@ def _quantize_cotangent_fwd(x, key, skip, spec):
 
 def _quantize_cotangent_bwd(spec, residuals, cotangent):
     key, skip = residuals
-    scale = scale_from_amax(amax(cotangent, spec.scaling), spec.fmt)
+    scale = scale_from_amax(amax(cotangent, spec.scaling, spec.block_size), spec.fmt)
     quantized = quantize(cotangent, scale, spec.fmt, spec.rounding, key)
     return jnp.where(skip, cotangent, quantized), None, None
 
@@ -211,21 +293,25 @@ def quantize_cotangent(
     rounding: str = "nearest",
     key: jax.Array | None = None,
     skip: jax.Array | bool = False,
+    block_size: int = 128,
 ) -> jax.Array:
     """Identity on values; the cotangent flowing back through ``x`` is quantized.
 
     Args:
       x: any float array.
-      fmt, scaling, rounding: as in :class:`QuantConfig` (current scaling).
+      fmt, scaling, rounding: as in :class:`QuantConfig` (current scaling;
+        ``"fine_grained"`` uses ``1 x block_size`` tiles of the cotangent's last axis).
       key: PRNG key, required for stochastic rounding.
       skip: traced bool; where true the cotangent passes unchanged (high precision).
+      block_size: tile width of ``"fine_grained"`` scaling.
     """
     formats.get_format(fmt)
     formats.check_rounding(rounding)
     check_scaling(scaling)
+    check_block_size(block_size)
     if rounding == "stochastic" and key is None:
         raise ValueError("key is required for rounding='stochastic'")
     if key is None:
         key = jax.random.key(0)  # unused by nearest rounding
-    spec = _CotangentSpec(fmt, scaling, rounding)
+    spec = _CotangentSpec(fmt, scaling, rounding, block_size)
     return _quantize_cotangent(x, key, jnp.asarray(skip, bool), spec)

@@ -13,6 +13,12 @@ local Lipschitz constants ``L_i = ||d z_i / d z_{i-1}||`` and ``M_i = ||d z_i / 
 (spectral norms of the Jacobians over the whole batch), which
 :func:`jacobian_norms` computes exactly or by power iteration.
 
+Which of the ``2N`` points exist is static (:class:`Points`, ``Injection.points``): a
+point that is not built adds no operation to the computation, while a built point at a
+traced size 0 is an exact identity that still costs a ``lax.cond``.
+:class:`~optstab.perturb.Perturbation` builds only the points it names, so idle points
+cost nothing (``Composite.make_injection`` builds every point unless told otherwise).
+
 Operators: :func:`dense` (affine map with an optional tanh or relu), :func:`linear` (a
 square bias-free factor of a deep linear factorisation, initialised as ``gain`` times a
 random orthogonal matrix, so its Lipschitz constant starts at ``gain``) and
@@ -24,6 +30,7 @@ labels in {0, 1}, one logit) and ``"softmax"`` (integer labels). Regularisers:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -53,12 +60,45 @@ class Operator(NamedTuple):
     apply: Callable[[Any, jax.Array], jax.Array]
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Points:
+    """Which perturbation points of a :class:`Composite` are built (static, no leaves).
+
+    A point that is not built is not traced at all: it adds no operation to the
+    computation, whereas a built point at a traced size 0 is an exact identity that
+    still costs a ``lax.cond`` at run time.
+
+    Attributes:
+      forward: one bool per operator: is its forward point built.
+      backward: one bool per operator: is its backward point built.
+    """
+
+    forward: tuple[bool, ...]
+    backward: tuple[bool, ...]
+
+    @classmethod
+    def every(cls, num_operators: int) -> Points:
+        """Every forward and backward point."""
+        return cls((True,) * num_operators, (True,) * num_operators)
+
+
 class Injection(NamedTuple):
-    """The perturbations of one forward-backward pass."""
+    """The perturbations of one forward-backward pass.
+
+    Attributes:
+      keys: ``(N, 2)`` PRNG keys; ``keys[i, 0]`` draws operator ``i``'s forward
+        perturbation, ``keys[i, 1]`` its backward one.
+      forward: ``(N,)`` float32 forward sizes, one per operator.
+      backward: ``(N,)`` float32 backward sizes, one per operator.
+      points: the :class:`Points` that are built (static); ``None`` builds all ``2N``.
+        The size of a point that is not built is ignored.
+    """
 
     keys: jax.Array  # (N, 2) PRNG keys: [:, 0] forward, [:, 1] backward
     forward: jax.Array  # (N,) float32 forward sizes
     backward: jax.Array  # (N,) float32 backward sizes
+    points: Points | None = None  # static: which points exist (None: all of them)
 
 
 def dense(out_dim: int, activation: str | None = None, use_bias: bool = True) -> Operator:
@@ -159,11 +199,19 @@ class Composite:
         return tuple(blocks)
 
     def perturb_output(self, i: int, z: jax.Array, injection: Injection | None) -> jax.Array:
-        """Applies operator ``i``'s forward then backward perturbation to its output."""
+        """Applies operator ``i``'s forward then backward perturbation to its output.
+
+        Only the points that ``injection.points`` builds are traced; the others leave
+        ``z`` untouched and add nothing to the computation.
+        """
         if injection is None:
             return z
-        z = ops._forward(z, injection.keys[i, 0], injection.forward[i], self.forward_spec)
-        return ops._backward(z, injection.keys[i, 1], injection.backward[i], self.backward_spec)
+        points = Points.every(self.num_operators) if injection.points is None else injection.points
+        if points.forward[i]:
+            z = ops._forward(z, injection.keys[i, 0], injection.forward[i], self.forward_spec)
+        if points.backward[i]:
+            z = ops._backward(z, injection.keys[i, 1], injection.backward[i], self.backward_spec)
+        return z
 
     def activations(self, params: tuple, x: jax.Array, injection: Injection | None = None):
         """All outputs ``[z_1, ..., z_N]`` (perturbed when ``injection`` is given)."""
@@ -204,8 +252,15 @@ class Composite:
         """Block gradients ``(g_1, ..., g_N)`` of :meth:`loss`."""
         return jax.grad(self.loss)(params, x, y, injection)
 
-    def make_injection(self, keys: jax.Array, forward=None, backward=None) -> Injection:
-        """An :class:`Injection` from ``(N, 2)`` keys and per-operator sizes (``None`` = 0)."""
+    def make_injection(
+        self, keys: jax.Array, forward=None, backward=None, points: Points | None = None
+    ) -> Injection:
+        """An :class:`Injection` from ``(N, 2)`` keys and per-operator sizes (``None`` = 0).
+
+        Every point is built unless ``points`` says otherwise (a size 0 is then an exact
+        identity behind a ``lax.cond``); :meth:`Perturbation.injection
+        <optstab.perturb.Perturbation.injection>` builds only the points it names.
+        """
         n = self.num_operators
 
         def sizes(values):
@@ -213,7 +268,12 @@ class Composite:
                 return jnp.zeros((n,), jnp.float32)
             return jnp.broadcast_to(jnp.asarray(values, jnp.float32), (n,))
 
-        return Injection(keys, sizes(forward), sizes(backward))
+        if points is not None and (len(points.forward), len(points.backward)) != (n, n):
+            raise ValueError(
+                f"points must name {n} operators per direction, got "
+                f"{len(points.forward)} forward and {len(points.backward)} backward"
+            )
+        return Injection(keys, sizes(forward), sizes(backward), points)
 
 
 def block_norms(blocks: tuple) -> jax.Array:

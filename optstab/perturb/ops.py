@@ -27,6 +27,12 @@ At ``scale == 0`` both operators are exact identities, bit for bit: a ``lax.cond
 returns the input and skips the noise at run time, and when ``scale`` is the Python
 number 0 they are not even traced.
 The noise is computed in float32 and added in the dtype of ``v``.
+
+Complex values (ours): an element ``a + ib`` is the pair ``(a, b)`` of real
+coordinates, so norms are those of ``|z|`` (``||[3+4j]|| = 5``), the random directions
+are uniform over the ``2n`` real coordinates, the bias is ``-scale * z`` and rounding
+rounds the real and imaginary parts separately. The noise is computed in complex64.
+Integer and boolean arrays are rejected.
 """
 
 from __future__ import annotations
@@ -61,7 +67,12 @@ def make_spec(mode: str = "relative", fmt: str = "float8_e4m3", rounding: str = 
 
 
 def perturbation(v: jax.Array, key: jax.Array, scale: jax.Array, spec: PerturbSpec) -> jax.Array:
-    """The perturbation ``delta`` for the value ``v`` (float32, shape of ``v``)."""
+    """The perturbation ``delta`` for the value ``v`` (shape of ``v``; float32, or
+    complex64 for a complex ``v``, whose parts are perturbed as real coordinates)."""
+    if jnp.iscomplexobj(v):
+        pairs = jnp.stack([jnp.real(v), jnp.imag(v)], axis=-1)
+        delta = perturbation(pairs, key, scale, spec)
+        return jax.lax.complex(delta[..., 0], delta[..., 1])
     v32 = jnp.asarray(v, jnp.float32)
     scale = jnp.asarray(scale, jnp.float32)
     if spec.mode == "bias":
@@ -81,10 +92,13 @@ def apply_perturbation(v: jax.Array, key: jax.Array, scale: jax.Array, spec: Per
     A ``lax.cond`` skips the noise at run time when ``scale`` is 0 (under ``vmap`` it
     becomes a select and both sides are computed; the result is still exactly ``v``).
     """
+    if not jnp.issubdtype(jnp.result_type(v), jnp.inexact):
+        raise ValueError(f"a perturbed value must be a float or complex array, got {v.dtype}")
     scale = jnp.asarray(scale, jnp.float32)
+    compute = jnp.complex64 if jnp.iscomplexobj(v) else jnp.float32
 
     def perturbed():
-        return (v.astype(jnp.float32) + perturbation(v, key, scale, spec)).astype(v.dtype)
+        return (v.astype(compute) + perturbation(v, key, scale, spec)).astype(v.dtype)
 
     return jax.lax.cond(scale == 0, lambda: v, perturbed)
 
@@ -147,7 +161,7 @@ def forward(
     ``forward`` gives the exact gradient of the perturbed forward computation.
 
     Args:
-      x: float array.
+      x: float or complex array (see the module docstring for complex values).
       key: PRNG key for the random modes (ignored by ``"bias"`` and nearest rounding).
       scale: scalar perturbation size, ``>= 0``; may be a traced array. 0 is an exact
         identity.

@@ -6,6 +6,10 @@ Part of the perturbed forward-backward SGD lab (arXiv 2602.20646, reconstructed;
 ``"relative"`` gives each leaf a perturbation of norm ``scale * ||g_leaf||``,
 ``"absolute"`` of norm ``scale``. It is the perturbation of the last backward step,
 where the cotangent meets the parameters, and lets any Optax optimizer be stressed.
+
+Complex leaves are supported: each element's real and imaginary parts are perturbed
+as two real coordinates (norms of ``|z|``, both parts rounded in ``"round"`` mode; see
+:mod:`optstab.perturb.ops`), and the update keeps its complex dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ def perturbed_updates(
     rounding: str = "nearest",
 ) -> optax.GradientTransformationExtraArgs:
     """Adds a perturbation to every leaf of the update.
+
+    Each leaf ``g`` becomes ``g + delta`` with ``delta`` drawn as in
+    :func:`optstab.perturb.forward` (per leaf: ``"relative"`` gives
+    ``||delta|| = scale * ||g||``, ``"absolute"`` ``||delta|| = scale``), from the key
+    ``fold_in(key, count)`` split over the leaves. Float leaves keep their dtype;
+    complex leaves keep theirs and have both parts perturbed.
 
     Args:
       scale: perturbation size ``>= 0``: a number, an array (``inject_hyperparams``) or

@@ -137,6 +137,7 @@ def test_stochastic_rounding_is_unbiased(fmt):
     p_up = (x - lo) / (hi - lo)
     stderr = (hi - lo) * np.sqrt(p_up * (1 - p_up) / n)
     assert np.all(stderr > 0)
+    # 4 standard errors of the mean: a 6e-5 chance per value to fail by bad luck.
     np.testing.assert_array_less(np.abs(q.mean(0) - x), 4 * stderr)
 
 

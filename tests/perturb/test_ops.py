@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from perturb_data import U, assert_within, gamma, noise_norm_rtol
 
 from optstab import perturb
 from optstab.lowprec import round_to_format
@@ -60,21 +61,21 @@ def bits(a) -> np.ndarray:
 @pytest.mark.parametrize("scale", [0.01, 0.5, 3.0])
 def test_forward_absolute_has_norm_scale(scale):
     y = fwd(X, KEY, scale, "absolute")
-    np.testing.assert_allclose(norm(y - X), scale, rtol=1e-5)
+    np.testing.assert_allclose(norm(y - X), scale, rtol=noise_norm_rtol(X.size, norm(X), scale))
 
 
 @pytest.mark.parametrize("scale", [0.01, 0.5, 3.0])
 def test_forward_relative_has_norm_scale_times_norm_of_x(scale):
     y = fwd(X, KEY, scale, "relative")
-    np.testing.assert_allclose(norm(y - X), scale * norm(X), rtol=1e-5)
+    rtol = noise_norm_rtol(X.size, norm(X), scale * norm(X))
+    np.testing.assert_allclose(norm(y - X), scale * norm(X), rtol=rtol)
 
 
 @pytest.mark.parametrize("scale", [0.25, 1.0, 2.0])
 def test_forward_bias_is_minus_scale_times_x(scale):
     y = np.asarray(fwd(X, KEY, scale, "bias"))
     x = np.asarray(X)
-    np.testing.assert_array_equal(y, x + np.float32(-scale) * x)
-    np.testing.assert_allclose(y - x, -scale * x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(y, x + np.float32(-scale) * x)  # the same two roundings
 
 
 @pytest.mark.parametrize("fmt", ["float8_e4m3", "float8_e5m2", "float4_e2m1"])
@@ -85,9 +86,12 @@ def test_forward_round_at_scale_one_is_the_rounding(fmt):
 
 
 def test_forward_round_at_scale_half_blends_value_and_rounding():
-    q = round_to_format(X, "float4_e2m1")
+    q = np.asarray(round_to_format(X, "float4_e2m1"), np.float64)
     y = fwd(X, KEY, 0.5, "round", fmt="float4_e2m1")
-    np.testing.assert_allclose(y, (X + q) / 2, rtol=1e-6)
+    # y = fl(x + 0.5 fl(q - x)): one rounding of the difference, one of the sum (the
+    # halving is exact), against the exact (x + q) / 2 in float64.
+    x = np.asarray(X, np.float64)
+    assert_within(y, (x + q) / 2, U * np.abs(q - x) + U * np.abs(x + q))
     assert not np.array_equal(y, q) and not np.array_equal(y, X)
 
 
@@ -116,13 +120,14 @@ def test_backward_returns_the_value_unchanged(mode):
 @pytest.mark.parametrize("scale", [0.01, 2.0])
 def test_backward_absolute_cotangent_error_has_norm_scale(scale):
     g = bwd_vjp(X, C, KEY, scale, "absolute")
-    np.testing.assert_allclose(norm(g - C), scale, rtol=1e-5)
+    np.testing.assert_allclose(norm(g - C), scale, rtol=noise_norm_rtol(C.size, norm(C), scale))
 
 
 @pytest.mark.parametrize("scale", [0.01, 2.0])
 def test_backward_relative_cotangent_error_is_relative_to_the_cotangent(scale):
     g = bwd_vjp(X, C, KEY, scale, "relative")
-    np.testing.assert_allclose(norm(g - C), scale * norm(C), rtol=1e-5)
+    rtol = noise_norm_rtol(C.size, norm(C), scale * norm(C))
+    np.testing.assert_allclose(norm(g - C), scale * norm(C), rtol=rtol)
     # Relative to the cotangent, not to the value it flows back through.
     g10 = bwd_vjp(10 * X, C, KEY, scale, "relative")
     np.testing.assert_array_equal(g10, g)
@@ -143,7 +148,10 @@ def test_backward_round_rounds_the_cotangent():
 def test_backward_through_a_function_perturbs_its_gradient():
     f = lambda x, s: jnp.sum(jnp.sin(perturb.backward(x, KEY, s, "bias")))
     g = jax.jit(jax.grad(f))(X, 0.25)
-    np.testing.assert_allclose(g, 0.75 * jnp.cos(X), rtol=1e-6)
+    # cos in float32 (XLA's is accurate to a few ulps: 8U of the O(1) scale it works on),
+    # then fl(c - fl(0.25 c)): two roundings; against 0.75 cos in float64.
+    c = np.cos(np.asarray(X, np.float64))
+    assert_within(g, 0.75 * c, 8 * U + 2 * U * np.abs(c))
 
 
 # ---------------------------------------------------------------- scale zero
@@ -221,16 +229,31 @@ def test_bfloat16_keeps_its_dtype(mode):
 def test_bfloat16_relative_size_is_right_up_to_bfloat16_rounding():
     x = X.astype(jnp.bfloat16)
     y = fwd(x, KEY, 0.1, "relative")
+    # bfloat16 keeps 8 significant bits: x + delta is rounded by at most 2**-8 of each
+    # |y| element, i.e. 2**-8 ||y|| <= 2**-8 (1.1 ||x||) in norm, against ||delta|| =
+    # 0.1 ||x||; the float32 noise itself is far more accurate (noise_norm_rtol).
+    rtol = 2.0**-8 * 1.1 / 0.1 + noise_norm_rtol(x.size, norm(x), 0.1 * norm(x))
     np.testing.assert_allclose(
-        norm(y.astype(jnp.float32) - x.astype(jnp.float32)), 0.1 * norm(x), rtol=0.05
+        norm(y.astype(jnp.float32) - x.astype(jnp.float32)), 0.1 * norm(x), rtol=rtol
     )
 
 
-def test_perturbation_function_matches_the_operator():
-    spec = perturb.make_spec("absolute")
-    delta = perturb.perturbation(X, KEY, 0.4, spec)
-    np.testing.assert_allclose(fwd(X, KEY, 0.4, "absolute"), X + delta, rtol=1e-6)
-    assert delta.dtype == jnp.float32 and delta.shape == X.shape
+@pytest.mark.parametrize("mode", perturb.MODES)
+def test_perturbation_function_has_each_modes_closed_form(mode):
+    """``perturbation`` (the delta the operators add) against each mode's definition."""
+    spec = perturb.make_spec(mode, fmt="float4_e2m1")
+    delta = np.asarray(jax.jit(perturb.perturbation, static_argnums=3)(X, KEY, 0.4, spec))
+    assert delta.dtype == np.float32 and delta.shape == X.shape
+    x = np.asarray(X, np.float64)
+    if mode == "bias":
+        np.testing.assert_array_equal(delta, np.float32(-0.4) * np.asarray(X))
+    elif mode == "round":  # 0.4 (q(x) - x): one rounding of the difference, one product
+        q = np.asarray(round_to_format(X, "float4_e2m1"), np.float64)
+        assert_within(delta, 0.4 * (q - x), 2 * U * 0.4 * np.abs(q - x))
+    else:  # norms of 20 values (gamma(22) each) and a few products: noise_norm_rtol
+        want = 0.4 if mode == "absolute" else 0.4 * norm(X)
+        rtol = 2 * gamma(X.size + 2) + 4 * U
+        np.testing.assert_allclose(norm(delta), want, rtol=rtol)
 
 
 # ---------------------------------------------------------------- validation
@@ -268,3 +291,40 @@ def test_stochastic_rounding_without_a_key_raises():
         perturb.forward(X, None, 1.0, "round", rounding="stochastic")
     with pytest.raises(ValueError, match="key"):
         jax.grad(lambda x: perturb.backward(x, None, 1.0, "round", rounding="stochastic").sum())(X)
+
+
+# ---------------------------------------------------------------- complex values
+
+Z = jnp.array([[3.0 + 4.0j, 1.0 - 2.0j], [0.5j, -1.5 + 0.0j]], jnp.complex64)
+
+
+def test_complex_bias_scales_real_and_imaginary_parts():
+    # -0.5 * z is exact in complex64 (a power of two), so z + delta is too.
+    y = jax.jit(lambda z: perturb.forward(z, KEY, 0.5, "bias"))(Z)
+    assert y.dtype == jnp.complex64
+    np.testing.assert_array_equal(y, [[1.5 + 2.0j, 0.5 - 1.0j], [0.25j, -0.75 + 0.0j]])
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_complex_random_modes_perturb_both_parts_with_the_norm_of_abs_z(mode):
+    delta = np.asarray(jax.jit(lambda z: perturb.forward(z, KEY, 0.25, mode))(Z)) - np.asarray(Z)
+    # ||Z|| = sqrt(25 + 5 + 0.25 + 2.25) = sqrt(32.5), the norm of |z| (not of the real part).
+    want = 0.25 if mode == "absolute" else 0.25 * np.sqrt(32.5)
+    # float32 error: the norms of 8 real coordinates and the products scale * ||v|| * u /
+    # ||u|| carry a few ulps each, and each element of z + delta one ulp of |z + delta|
+    # (<= |z| + |delta| <= 6): 16 * eps relative to ||delta|| is ample for both.
+    tol = 16 * np.finfo(np.float32).eps * (1 + np.sqrt(32.5) / want)
+    np.testing.assert_allclose(np.linalg.norm(delta), want, rtol=tol)
+    assert np.all(delta.imag != 0) and np.all(delta.real != 0)
+
+
+def test_complex_round_rounds_each_part():
+    z = jnp.array([0.3 + 1.1j, 5.2 - 0.2j, 2.6 + 7.0j], jnp.complex64)
+    y = jax.jit(lambda z: perturb.forward(z, KEY, 1.0, "round", fmt="float4_e2m1"))(z)
+    # float4 e2m1 grid: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (saturating at 6).
+    np.testing.assert_array_equal(y, [0.5 + 1.0j, 6.0 - 0.0j, 3.0 + 6.0j])
+
+
+def test_integer_values_are_rejected():
+    with pytest.raises(ValueError, match="float or complex"):
+        perturb.forward(jnp.arange(3), KEY, 0.1)

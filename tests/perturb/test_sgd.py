@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from perturb_data import logistic_data
+from perturb_data import (
+    U,
+    assert_within,
+    gamma,
+    logistic_data,
+    logistic_loss_bound,
+    power_deficit_bound,
+    tanh_logistic_abs_gradient,
+)
 
 from optstab import perturb
 from optstab.perturb import DIVERGED, LINGERING, RECOVERED
@@ -111,6 +119,7 @@ def test_minibatches_are_reproducible_and_follow_the_data_key():
     assert not np.array_equal(a.trace.loss_clean, c.trace.loss_clean)
     # The recorded loss is that of the step's minibatch: not the full-batch loss.
     full_batch = float(mlp_clean_run().trace.loss[0])
+    # 16 of the 64 examples: the losses differ by O(1e-2), far beyond rounding (1e-6).
     assert float(a.trace.loss_clean[0]) != pytest.approx(full_batch)
 
 
@@ -133,16 +142,25 @@ def test_no_perturbation_reproduces_the_clean_run_bit_for_bit():
     np.testing.assert_array_equal(result.trace.grad_error, 0.0)
     assert_trees_bitwise_equal(result.params, result.params_clean)
     assert int(result.outcome) == RECOVERED and int(result.recovery_time) == 0
-    # Full batch and no eval_data: the recorded loss is the full-data objective.
-    np.testing.assert_allclose(result.trace.loss[0], jax.jit(MLP.loss)(MLP_PARAMS, X, Y), rtol=1e-6)
+    # Full batch and no eval_data: the recorded loss is the full-data objective (two
+    # float32 evaluations, each within logistic_loss_bound of the exact value).
+    reg = 1e-2 * sum(
+        float(np.sum(np.asarray(p, np.float64) ** 2)) for p in jax.tree.leaves(MLP_PARAMS)
+    )
+    bound = 2 * logistic_loss_bound(MLP_PARAMS, X, ("tanh", None), reg)
+    assert_within(result.trace.loss[0], jax.jit(MLP.loss)(MLP_PARAMS, X, Y), bound)
 
 
 def test_traced_zero_sizes_follow_the_clean_run():
     result = mlp_run(jax.random.key(1), jax.random.key(0), 0.0, 0.0)
-    # Exact identities at size 0; the two runs are separate XLA computations, so the
-    # last bit may differ.
-    np.testing.assert_allclose(result.trace.loss, result.trace.loss_clean, rtol=1e-6)
-    np.testing.assert_array_less(result.trace.relative_grad_error, 1e-6)
+    # Exact identities at size 0: at every step the "perturbed" gradient is the exact
+    # one, computed by the same operations (possibly fused differently): they differ by
+    # at most the rounding of their batch sums, 2 gamma(16 + 8) A_t, A_t the summed
+    # absolute per-example gradients (tanh_logistic_abs_gradient), relative to ||g||.
+    trace = result.trace
+    a = tanh_logistic_abs_gradient(trace, X, hidden=3)
+    bound = 2 * gamma(16 + 8) * a / np.asarray(trace.grad_norm, np.float64) + 8 * U
+    np.testing.assert_array_less(trace.relative_grad_error, bound)
     assert int(result.outcome) == RECOVERED and int(result.recovery_time) == 0
 
 
@@ -278,19 +296,64 @@ def logistic_batch():
     return args, jax.jit(jax.vmap(logistic_run))(*args)
 
 
+def logistic_drift_bound(trace, steps: int, noise0: float = 0.0, lr: float = 0.5) -> np.ndarray:
+    """How far the losses of two float32 programs of the same LOGISTIC run can drift
+    apart over its first ``steps`` steps, with no perturbation after step 0 and a
+    relative one of size ``noise0`` at step 0.
+
+    * Loss evaluation: ``|z_i| <= P ||(x_i, 1)||`` with ``P`` the parameter norm, so the
+      BCE terms are at most ``T = 2 P max ||(x, 1)|| + log 2``; the logit (4 products),
+      6 roundings per term and the mean of 64 give ``(gamma(4) + 6U + gamma(64)) T``,
+      the regulariser ``gamma(8) lambda P^2``.
+    * Gradient rounding per step: ``2 gamma(64 + 4) G_x`` with ``G_x = mean ||(x, 1)||``
+      (``|sigmoid - y| <= 1``), and the step map is nonexpansive: ``lr`` times the
+      Hessian's largest eigenvalue, at most ``2 lambda + ||(X, 1)||^2 / (4n)``, is
+      below 2 (checked), so iterates drift by at most ``t lr 2 gamma(68) G_x``.
+    * The step-0 noise ``noise0 ||g_0|| d`` (d a unit direction drawn from the key) is
+      recomputed from a gradient within ``2 gamma(68) G_x`` and renormalised (norms of 4
+      values and a division: ``2 gamma(6) + 4U`` relative): it moves every later
+      iterate by at most ``lr noise0 (||g_0|| (2 gamma(6) + 4U) + 2 gamma(68) G_x)``.
+    * The loss is ``G = G_x + 2 lambda P``-Lipschitz in the parameters.
+    """
+    x1 = np.c_[np.asarray(X, np.float64), np.ones(X.shape[0])]
+    rows = np.linalg.norm(x1, axis=1)
+    lam = 0.05
+    assert lr * (2 * lam + np.linalg.norm(x1, 2) ** 2 / (4 * X.shape[0])) <= 2
+    p = np.asarray(trace.param_norm, np.float64)[..., :steps]
+    terms = 2 * p * rows.max() + np.log(2.0)
+    evaluation = (gamma(4) + 6 * U + gamma(64)) * terms + gamma(8) * lam * p**2
+    t = np.arange(steps)
+    drift = t * lr * 2 * gamma(68) * rows.mean()
+    g0 = float(np.asarray(trace.grad_norm).reshape(-1, np.shape(trace.grad_norm)[-1])[0, 0])
+    noise = lr * noise0 * (g0 * (2 * gamma(6) + 4 * U) + 2 * gamma(68) * rows.mean())
+    drift = drift + np.where(t >= 1, noise, 0.0)
+    return (rows.mean() + 2 * lam * p) * drift + 2 * evaluation
+
+
 def test_vmap_over_perturb_keys_equals_separate_runs():
+    """Each lane of the batched runs is the separate run with that lane's key: at steps 0
+    and 1 their losses agree within rounding (step 1 already depends on the key's noise
+    direction), their size schedules agree, and so do the outcome labels, whose margins
+    (checked) exceed any drift between the two programs."""
     args, batched = logistic_batch()
     for i in (1, len(SPIKES), len(SPIKES) + NOISE_KEYS):  # a spike, constant, decaying noise
         single = logistic_run(*(a[i] for a in args))
-        # Near-exact: the batched program may fuse and reduce in another order, and
-        # near the optimum the relative gradient error (noise / ||g||, ||g|| -> 0)
-        # amplifies such last-bit differences (observed up to ~2e-4).
-        jax.tree.map(
-            lambda b, s, i=i: np.testing.assert_allclose(b[i], s, rtol=1e-3, atol=1e-6),
-            batched,
-            single,
-        )
-    final = np.asarray(batched.trace.loss[len(SPIKES) :, -1])
+        lane = jax.tree.map(lambda b, i=i: b[i], batched)
+        noise0 = float(single.trace.backward_size[0, 0])  # the relative size at step 0
+        for field, noise in (("loss", noise0), ("loss_clean", 0.0)):
+            got, want = getattr(lane.trace, field)[:2], getattr(single.trace, field)[:2]
+            assert_within(got, want, logistic_drift_bound(single.trace, 2, noise))
+        for field in ("forward_size", "backward_size"):  # c / sqrt(t + 1): 2 roundings
+            np.testing.assert_allclose(
+                getattr(lane.trace, field), getattr(single.trace, field), rtol=4 * U
+            )
+        # Labels: the loss at the check step is 5% + margin from the band's edge.
+        check = SPIKE_AT + 240
+        loss, clean = single.trace.loss, single.trace.loss_clean
+        margin = abs(float(loss[check]) / float(clean[check]) - 1.05)
+        assert margin > 1e-3, margin
+        assert int(lane.outcome) == int(single.outcome)
+    final = np.asarray(batched.trace.loss[len(SPIKES) :, 1])
     assert len(set(final.tolist())) == len(final), "the keys gave identical runs"
 
 
@@ -303,10 +366,11 @@ def test_one_off_spike_is_recovered_and_recovery_time_grows_with_log_size():
     sizes = np.asarray(result.trace.backward_size[:, :, 0])
     np.testing.assert_array_equal(sizes[:, SPIKE_AT], np.float32(SPIKES))
     np.testing.assert_array_equal(np.delete(sizes, SPIKE_AT, axis=1), 0.0)
-    # Before the spike both runs are the same run (up to the last bit: see
-    # test_traced_zero_sizes_follow_the_clean_run); right after it they are not.
+    # Before the spike both runs are the same run, up to the rounding of two evaluations
+    # of the same steps (logistic_drift_bound); right after it they are not.
     loss, clean = np.asarray(result.trace.loss), np.asarray(result.trace.loss_clean)
-    np.testing.assert_allclose(loss[:, : SPIKE_AT + 1], clean[:, : SPIKE_AT + 1], rtol=1e-6)
+    bound = logistic_drift_bound(result.trace, SPIKE_AT + 1)
+    assert_within(loss[:, : SPIKE_AT + 1], clean[:, : SPIKE_AT + 1], bound)
     assert np.all(loss[:, SPIKE_AT + 1] > clean[:, SPIKE_AT + 1])
 
 
@@ -334,7 +398,9 @@ def constant_runs(model, sizes):
 def test_constant_bias_above_one_fails_while_a_small_one_converges():
     result = constant_runs(LOGISTIC_BIAS, jnp.array([0.1, 2.0]))
     loss, clean = np.asarray(result.trace.loss), np.asarray(result.trace.loss_clean)
-    # size 0.1: descends, like the clean run, to within 1% of its loss.
+    # size 0.1: descends, like the clean run, to within 1% of its loss. (A criterion of
+    # the claim, not a rounding tolerance: the bias makes the step 0.9 lr, and on this
+    # strongly convex problem both runs approach the same optimum.)
     assert int(result.outcome[0]) == RECOVERED
     assert loss[0, -1] < loss[0, 0] - 0.1
     np.testing.assert_allclose(loss[0, -1], clean[0, -1], rtol=0.01)
@@ -354,16 +420,66 @@ def test_lipschitz_every_records_power_estimates_of_the_exact_constants():
         block = lip[start : start + every]
         np.testing.assert_array_equal(block, np.broadcast_to(lip[start], block.shape))
     assert not np.array_equal(lip[0], lip[5]) and not np.array_equal(lip[5], lip[10])
-    # The run is plain gradient descent (no perturbation): gd_step reproduces it.
-    np.testing.assert_allclose(
-        ravel_pytree(params_after(12))[0], ravel_pytree(result.params)[0], rtol=1e-5, atol=1e-7
-    )
-    # Step t sees the parameters after t steps. 20 power iterations: an estimate from
-    # below, within a few percent.
+    # The run is plain gradient descent (no perturbation): gd_step reproduces it, up to
+    # the rounding differences of two programs (gd_divergence_bound).
+    gd_params = ravel_pytree(params_after(12))[0]
+    ours = ravel_pytree(result.params)[0]
+    assert_within(ours, gd_params, gd_divergence_bound(12))
+    # Step t sees the parameters after t steps. run_sgd's 20 power iterations estimate
+    # from below (up to float32 rounding of the iteration and of the exact SVD); how
+    # close they get is bounded for the head (power_deficit_bound: 0.2%), not for the
+    # 192-dimensional tanh layer, whose bound after 20 iterations is vacuous (test_composite
+    # checks the estimator's accuracy with more iterations).
     for step in (0, 5, 10):
-        exact = np.asarray(jacobian_norms(MLP, params_after(step), X)[0])
-        assert np.all(lip[step] <= exact * (1 + 1e-5)), (step, lip[step], exact)
-        assert np.all(lip[step] >= 0.95 * exact), (step, lip[step], exact)
+        params = params_after(step)
+        exact = np.asarray(jacobian_norms(MLP, params, X)[0], np.float64)
+        floor = 64 * 192 * U + 4 * 192 * U
+        assert np.all(lip[step] <= exact * (1 + floor)), (step, lip[step], exact)
+        head = np.asarray(head_input_jacobian(params))
+        deficit = power_deficit_bound(head, LIPSCHITZ_ITERS) + 4 * 192 * U
+        assert lip[step][1] >= exact[1] * (1 - deficit), (step, lip[step], exact)
+
+
+LIPSCHITZ_ITERS = 20  # jacobian_norms' default, which run_sgd uses
+
+
+def gd_divergence_bound(steps: int, lr: float = 0.5) -> float:
+    """How far two float32 programs of the same full-batch GD steps on MLP can drift.
+
+    Per step, the two gradients at the same point differ by at most the rounding of
+    their sums over the 64 examples: ``2 gamma(64 + 8) A_t`` in norm, with ``A_t`` the
+    norm of the summed absolute per-example gradients (computed here); the
+    regulariser's gradient is elementwise, the same in both. A difference ``e_t`` in the
+    iterates grows through the step map by at most ``1 + lr ||H_t||`` (the Hessian's
+    spectral norm at the iterate; first order: the differences are ~1e-6). So
+    ``e_{t+1} <= (1 + lr ||H_t||) e_t + lr 2 gamma(72) A_t``; each element of the final
+    difference is at most its norm.
+    """
+    data_loss = lambda p, x, y: MLP.data_loss_from_output(MLP.apply(p, x[None]), y[None])  # noqa: E731
+    per_example = jax.jit(jax.vmap(jax.grad(data_loss), in_axes=(None, 0, 0)))
+    _, unravel = ravel_pytree(MLP_PARAMS)
+    hessian = jax.jit(jax.hessian(lambda v: MLP.loss(unravel(v), X, Y)))
+    error = 0.0
+    for t in range(steps):
+        params = params_after(t)
+        grads = np.concatenate(
+            [np.reshape(g, (X.shape[0], -1)) for g in jax.tree.leaves(per_example(params, X, Y))],
+            axis=1,
+        )
+        a = np.linalg.norm(np.abs(np.asarray(grads, np.float64)).sum(0) / X.shape[0])
+        h = np.asarray(hessian(ravel_pytree(params)[0]), np.float64)
+        h_norm = np.linalg.norm(h, 2)
+        error = (1 + lr * h_norm) * error + lr * 2 * gamma(72) * a
+    return error
+
+
+@jax.jit
+def head_input_jacobian(params) -> jax.Array:
+    """The Jacobian of the head's logits with respect to its input, at ``params``."""
+    hidden = MLP.activations(params, X)[0]
+    flat, unravel = ravel_pytree(hidden)
+    fn = lambda v: MLP.operators[1].apply(params[1], unravel(v)).ravel()  # noqa: E731
+    return jax.jacfwd(fn)(flat)
 
 
 def test_lipschitz_is_zero_when_not_tracked():
@@ -384,12 +500,53 @@ def test_lipschitz_is_zero_when_not_tracked():
         ({"tolerance": -0.1}, "tolerance"),
         ({"perturbation": perturb.Perturbation(backward={3: 1.0})}, "operator index"),
         ({"perturbation": perturb.Perturbation(forward={-3: 1.0})}, "operator index"),
+        ({"perturbation": {0: 1.0}}, "perturbation must be"),
+        ({"perturbation": perturb.Perturbation(forward={0: 1.0, -2: 0.5})}, "twice"),
+        ({"learning_rate": -0.1}, "learning_rate must be >= 0"),
+        ({"t0": -1}, "t0"),
+        ({"horizon": 1.5}, "horizon"),
+        ({"divergence_factor": 0.0}, "divergence_factor"),
+        ({"radius": -1.0}, "radius"),
+        ({"x": X[:, :2]}, "^x has 2 features per example, but params were built for"),
+        ({"x": X[0]}, "^x must be 2-D"),
+        ({"y": Y[:10]}, r"^y must hold one label per example of x, shape \(64,\)"),
+        ({"y": Y + 1}, r"^y must hold labels in \[0, 1\] for the logistic loss"),
+        ({"y": -Y}, r"^y must hold labels in \[0, 1\]"),
+        ({"eval_data": (X, 2 * Y)}, r"^eval_data\[1\] must hold labels in \[0, 1\]"),
+        ({"eval_data": (X[:, 1:], Y)}, r"^eval_data\[0\] has 2 features"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, name):
-    kwargs = {"num_steps": 3, "learning_rate": 0.1, **kwargs}
-    with pytest.raises(ValueError, match=name):
-        perturb.run_sgd(MLP, MLP_PARAMS, X, Y, **kwargs)
+    """One-line errors naming the argument, raised before anything is traced."""
+    kwargs = {"x": X, "y": Y, "num_steps": 3, "learning_rate": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name) as error:
+        perturb.run_sgd(MLP, MLP_PARAMS, kwargs.pop("x"), kwargs.pop("y"), **kwargs)
+    assert "\n" not in str(error.value)
+
+
+SOFTMAX = perturb.Composite([perturb.dense(3, "tanh"), perturb.dense(3)], loss="softmax")
+SOFTMAX_PARAMS = jax.jit(SOFTMAX.init, static_argnums=1)(jax.random.key(0), 3)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.arange(64) % 4, r"^y must hold class labels in \[0, 3\) for the softmax loss"),
+        (np.arange(64) % 3 - 1, r"^y must hold class labels in \[0, 3\)"),
+        (np.zeros(64, np.float32), "^y must hold integer class labels"),
+    ],
+)
+def test_softmax_labels_outside_the_classes_are_rejected(labels, message):
+    with pytest.raises(ValueError, match=message):
+        perturb.run_sgd(SOFTMAX, SOFTMAX_PARAMS, X, labels, num_steps=2, learning_rate=0.1)
+
+
+def test_traced_labels_are_checked_for_shape_only():
+    # Values of a traced y cannot be read without a host sync: only shapes are checked.
+    run = jax.jit(lambda y: perturb.run_sgd(MLP, MLP_PARAMS, X, y, num_steps=1, learning_rate=0.1))
+    assert run(Y).trace.loss.shape == (1,)
+    with pytest.raises(ValueError, match="one label per example"):
+        run(Y[:3])
 
 
 def test_perturbation_sizes_from_numbers_schedules_and_mappings():
@@ -398,3 +555,40 @@ def test_perturbation_sizes_from_numbers_schedules_and_mappings():
     np.testing.assert_array_equal(forward, [0.5, 0.5, 0.5])
     np.testing.assert_array_equal(backward, [0.25, 0.0, 0.25])
     np.testing.assert_array_equal(perturb.Perturbation().sizes(jnp.asarray(0), 2)[0], [0.0, 0.0])
+
+
+def test_perturbation_names_only_the_points_it_is_given():
+    n = 3
+    assert perturb.Perturbation().points(n) == perturb.Points((False,) * 3, (False,) * 3)
+    # A Python 0 (alone or in a mapping) names nothing; any other number, schedule or
+    # array names its points, even if its value is 0 at some step.
+    spec = perturb.Perturbation(forward=0, backward={0: 0.0, -1: perturb.inverse(1.0)})
+    assert spec.points(n) == perturb.Points((False,) * 3, (False, False, True))
+    everywhere = perturb.Perturbation(forward=jnp.float32(0.0), backward=0.1)
+    assert everywhere.points(n) == perturb.Points.every(n)
+    injection = spec.injection(perturb.operator_keys(jax.random.key(0), 2, n), 2, n)
+    assert injection.points == spec.points(n)
+    np.testing.assert_array_equal(injection.backward, [0.0, 0.0, np.float32(1) / np.float32(3)])
+
+
+def test_run_sgd_builds_only_the_named_points():
+    """Idle points of run_sgd's step cost nothing: no cond, select or RNG op of theirs."""
+    from test_composite import primitives
+
+    def ops_of(perturbation):
+        run = lambda: perturb.run_sgd(  # noqa: E731
+            MLP, MLP_PARAMS, X, Y, num_steps=2, learning_rate=0.5, perturbation=perturbation
+        )
+        return primitives(jax.make_jaxpr(run)().jaxpr)
+
+    idle = ops_of(perturb.Perturbation())
+    assert idle == ops_of(perturb.Perturbation(forward=0, backward={0: 0, 1: 0.0}))
+    # (The step's keys are still derived, one fold_in and split per step; no noise drawn.)
+    assert idle["cond"] == 0 and idle["random_bits"] == 0
+    one = ops_of(perturb.Perturbation(backward={-1: 0.3}))
+    assert one["cond"] == 1 and one["random_bits"] == 1
+    # The named point brings its own selects (inside its noise); no other one does.
+    assert (
+        one["select_n"] - idle["select_n"]
+        == ops_of(perturb.Perturbation(backward={0: 0.3}))["select_n"] - idle["select_n"]
+    )

@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from perturb_data import logistic_data
+from perturb_data import U, gamma, lipschitz_slack, logistic_data, tanh_logistic_abs_gradient
 
 from optstab import perturb
 
@@ -97,12 +97,15 @@ def test_statement_1_backward_noise_is_local_and_bounded():
         np.testing.assert_array_equal(errors[k + 1 :], 0.0)
         for j in range(k + 1):
             bound = m[j] * np.prod(lip[j + 1 : k + 1]) * size
-            assert 0.0 < errors[j] <= bound * (1 + 1e-5), (k, j, errors[j], bound)
+            slack = lipschitz_slack(batch=8, entries=40, svds=5, svd_size=32)
+            assert 0.0 < errors[j] <= bound * (1 + slack), (k, j, errors[j], bound)
 
 
 def test_statement_2_forward_noise_reaches_every_block_and_grows_with_depth():
     lip, _ = jacobian_norms(EXPANDING, EXPANDING_PARAMS, X)
-    np.testing.assert_allclose(lip, 1.5, rtol=1e-5)  # every L_i > 1
+    # Every L_i > 1: 1.5 up to the factors' orthogonality (4 n**2 U, n = 4) and the
+    # float32 SVD of the 32 x 32 Jacobian (4 * 32 U); see test_composite.
+    np.testing.assert_allclose(lip, 1.5, rtol=4 * 16 * U + 4 * 32 * U)
     keys = jax.random.split(jax.random.key(4), 16)
     # backward=None: no backward perturbation is even compiled.
     errors = jax.vmap(  # (operator m, key, block j)
@@ -115,6 +118,8 @@ def test_statement_2_forward_noise_reaches_every_block_and_grows_with_depth():
     total = np.linalg.norm(errors, axis=2).mean(axis=1)
     hidden = total[:-1]
     assert np.all(np.diff(hidden) < 0), total
+    # A criterion of the claim, not a rounding tolerance: from z_1 to z_4 the noise
+    # crosses 3 more operators of L = 1.5, a growth of up to 1.5**3 = 3.4; most of it.
     assert hidden[0] > 3.0 * hidden[-1], total
 
 
@@ -127,6 +132,10 @@ def test_statement_3_gradient_error_is_linear_in_small_sizes():
             fwd, bwd = (sizes_n, NONE) if direction == "forward" else (NONE, sizes_n)
             totals.append(float(np.linalg.norm(block_errors(MIXED, MIXED_PARAMS, fwd, bwd, KEY))))
         slope = np.polyfit(np.log(sizes), np.log(totals), 1)[0]
+        # A criterion: error = a s (1 + O(s)); over 1e-4..1e-2 a relative second-order
+        # term r at the top moves the log-log slope by about r / ln(100); +-0.1 allows r
+        # up to ~40%. Float32 rounding (~1e-6 of the gradient) is 1% of the smallest
+        # error, a slope change below 0.01.
         assert 0.9 <= slope <= 1.1, (direction, slope, totals)
 
 
@@ -197,6 +206,8 @@ def test_statement_5_constant_bias_plateaus_at_size_squared_decaying_keeps_the_r
     # Constant size: the plateau (last quarter) above the clean run grows like size^2.
     plateau = excess[0, :, -steps // 4 :].mean(axis=1) - clean[-steps // 4 :].mean()
     exponent = loglog_slope(sizes, plateau)
+    # Criteria of the claim (plateau ~ size^2; rate kept), not rounding tolerances: the
+    # excess losses are means over 8 SGD seeds, whose noise the +-0.5 / 0.3 allow for.
     assert 1.5 <= exponent <= 2.5, (exponent, plateau)
     # Decaying size: the excess loss keeps the clean run's log-log slope in t.
     t = np.unique(np.geomspace(steps // 10, steps - 1, 20).astype(int))
@@ -224,7 +235,38 @@ def test_statement_6_recovery_time_is_linear_in_log_spike_size():
     slope, intercept = np.polyfit(np.log(sizes), times, 1)
     residual = times - (slope * np.log(sizes) + intercept)
     r2 = 1.0 - np.sum(residual**2) / np.sum((times - times.mean()) ** 2)
+    # A criterion: integer recovery times over 7 sizes are linear in log S up to the
+    # rounding of each time to a step (R^2 > 0.9 leaves room for that quantisation).
     assert slope > 0 and r2 > 0.9, (times, slope, r2)
+
+
+def bias_rounding_bound(trace, sizes) -> np.ndarray:
+    """``(sizes, steps)`` bound on ``|relative_grad_error / size - 1|`` in statement 7.
+
+    The model is ``dense(4, tanh)`` then a logistic head on LX, LY (n = 64 examples,
+    no regulariser), the bias ``size`` at the output cotangent ``c``. Both gradients of
+    a step run the same forward operations on the same inputs (XLA merges them), so
+    only the backward pass differs: ``g = B(c)`` and ``g_hat = B(c')`` with
+    ``c' = fl(c - fl(size * c))``, and ``B`` is linear. With ``u = U = 2**-24``:
+
+    * ``|c' - (1 - size) c| <= 2u |c|``;
+    * each gradient element is a sum over the n examples of products of at most 8
+      rounded factors, so ``|fl(B(a)) - B(a)| <= gamma(m) |B|(|a|)``, ``m = n + 8``;
+      then ``fl(g_hat - g)`` adds one rounding, the norms a few (``8u``).
+
+    Hence ``|fl(g_hat - g) + size g| <= (2u + (2 + size) gamma(m)) A`` with
+    ``A = || |B|(|c|) ||`` (bounded from the trace: ``tanh_logistic_abs_gradient``),
+    divided by ``size ||g||``, ``||g|| = grad_norm / |1 - size|``. At size 1, ``c' = 0``
+    exactly, so ``g_hat = 0`` and the ratio is 1 up to the two norms' rounding (21
+    squares each): ``64u``.
+    """
+    a = tanh_logistic_abs_gradient(trace, LX, hidden=4)
+    s = np.asarray(sizes, np.float64)[:, None]
+    exact = s == 1
+    g = trace.grad_norm / np.where(exact, 1.0, np.abs(1 - s))
+    m = LX.shape[0] + 8
+    bound = (2 * U + (2 + s) * gamma(m)) * a / (s * np.where(exact, 1.0, g)) + 8 * U
+    return np.where(exact, 64 * U, bound)
 
 
 def test_statement_7_persistent_backward_bias_converges_only_below_one():
@@ -245,9 +287,9 @@ def test_statement_7_persistent_backward_bias_converges_only_below_one():
         )
 
     result = jax.jit(jax.vmap(run))(jnp.asarray(sizes))
-    np.testing.assert_allclose(
-        result.trace.relative_grad_error, np.broadcast_to(sizes[:, None], (4, 1000)), rtol=1e-4
-    )
+    trace = jax.tree.map(lambda v: np.asarray(v, np.float64), result.trace)
+    relative = trace.relative_grad_error / sizes[:, None]
+    np.testing.assert_array_less(np.abs(relative - 1), bias_rounding_bound(trace, sizes))
     loss = np.asarray(result.trace.loss)
     clean_final = float(result.trace.loss_clean[0, -1])
     assert clean_final < 0.5 * loss[0, 0]  # the clean run learns
