@@ -48,7 +48,7 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
         "gnmr_precision", "gnmr_precision_clip", "oracle_precision", "gnmr_amax_precision",
     )  # fmt: skip
 
-    # Model and data: byte-level decoder, stdlib sources (benchmarks/lm.py).
+    # Model and data: byte-level decoder, stdlib sources (benchmarks/problems/lm.py).
     c.width = 64 if quick else 256
     c.depth = 2 if quick else 6
     c.heads = 4 if quick else 8

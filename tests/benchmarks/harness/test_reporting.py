@@ -43,9 +43,7 @@ def test_compare_drops_timings_and_flags_differences(tmp_path, capsys):
     b = {"summary": {"acc": 0.5, "count": 4, "step_time_s": 9.0}, "environment": {"x": 2}}
     assert compare.metrics(a) == {"summary": {"acc": 0.5, "count": 3}}
     assert compare.differences(a, a) == []
-    assert compare.differences(compare.metrics(b), compare.metrics(a)) == [
-        "/summary/count: 4 != 3"
-    ]
+    assert compare.differences(compare.metrics(b), compare.metrics(a)) == ["/summary/count: 4 != 3"]
     # Floats within the tolerance pass; integers (counts) must be equal.
     assert compare.differences({"v": 1.0 + 1e-9}, {"v": 1.0}, rtol=1e-8) == []
     assert compare.differences({"v": 4}, {"v": 3}, rtol=1.0) == ["/v: 4 != 3"]
