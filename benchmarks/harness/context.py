@@ -57,6 +57,9 @@ class Context:
         self.fsdp = fsdp
         self._checkpointer = checkpointer
         self.stage_seconds: dict[str, float | None] = {}  # None: restored from disk
+        # state, outputs = context.loop(name, state, num_chunks, advance): a resumable
+        # loop of chunks inside a stage (see resume.Checkpointer.loop).
+        self.loop = checkpointer.loop
 
     @property
     def restored(self) -> list[str]:
@@ -70,16 +73,6 @@ class Context:
         fresh = name not in self._checkpointer.restored
         self.stage_seconds[name] = time.perf_counter() - start if fresh else None
         return value
-
-    def loop(
-        self,
-        name: str,
-        state: PyTree,
-        num_chunks: int,
-        advance: Callable[[PyTree, int], tuple[PyTree, PyTree]],
-    ) -> tuple[PyTree, list]:
-        """``state, output = advance(state, k)`` for every chunk k, resumable."""
-        return self._checkpointer.loop(name, state, num_chunks, advance)
 
     def progress(self, total: int, unit: str = "it", desc: str | None = None) -> tqdm:
         """A progress bar named after the study (or ``desc``); call its

@@ -172,6 +172,36 @@ def plot_style() -> None:
     )
 
 
+def figure(rows: int, cols: int, size: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+    """``plt.subplots`` in the shared style: a figure and its axes (matplotlib is
+    imported here, when a study draws, never when it only measures)."""
+    plot_style()
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size, **kwargs)
+
+
+def report(
+    heading: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], *notes: str,
+    goal: Mapping[str, Any] | None = None, goal_title: str = "goals:",
+) -> str:  # fmt: skip
+    """A study's one-screen summary: a heading line, the table, notes, then the goals."""
+    lines = [heading, format_table(headers, rows), *notes]
+    if goal is not None:
+        lines += [goal_title, format_goals(goal)]
+    return "\n".join(lines)
+
+
+# The cost columns of the studies that measure a compiled step.
+COST_HEADERS = ("peak_MiB", "bytes_ratio", "step_ms", "time_ratio", "compile_s")
+
+
+def cost_cells(peak_bytes, bytes_ratio, step_s, time_ratio, compile_s) -> list:
+    """The cells under :data:`COST_HEADERS` (MiB, ratio, ms, ratio, s; None: not measured)."""
+    step_ms = None if step_s is None else 1e3 * step_s
+    return [peak_bytes / 2**20, bytes_ratio, step_ms, time_ratio, compile_s]
+
+
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Saves ``fig`` to ``path`` (creating the folder) and closes it."""
     import matplotlib.pyplot as plt

@@ -73,6 +73,8 @@ from optstab import checkpoint
 __all__ = ["Checkpointer", "ConfigMismatch", "NoCheckpoint", "code_version", "run_context"]
 
 PyTree = Any
+Advance = Callable[[PyTree, int], tuple[PyTree, PyTree]]  # (state, k) -> (state, output)
+Looped = tuple[PyTree, list]  # the final state and every chunk's output
 RUN_FILE = "run.json"
 ROOT = Path(__file__).resolve().parents[2]  # the repository root, which holds benchmarks/
 
@@ -203,13 +205,7 @@ class NoCheckpoint:
     def stage(self, name: str, compute: Callable[[], PyTree]) -> PyTree:
         return store.check_plain(compute(), f"stage {name!r}")
 
-    def loop(
-        self,
-        name: str,
-        state: PyTree,
-        num_chunks: int,
-        advance: Callable[[PyTree, int], tuple[PyTree, PyTree]],
-    ) -> tuple[PyTree, list]:
+    def loop(self, name: str, state: PyTree, num_chunks: int, advance: Advance) -> Looped:
         outputs = []
         for index in range(num_chunks):
             state, output = advance(state, index)
@@ -322,13 +318,7 @@ class Checkpointer(NoCheckpoint):
                 shutil.rmtree(self.directory / f"loop-{loop}{suffix}", ignore_errors=True)
         return value
 
-    def loop(
-        self,
-        name: str,
-        state: PyTree,
-        num_chunks: int,
-        advance: Callable[[PyTree, int], tuple[PyTree, PyTree]],
-    ) -> tuple[PyTree, list]:
+    def loop(self, name: str, state: PyTree, num_chunks: int, advance: Advance) -> Looped:
         """Runs ``state, output = advance(state, k)`` for k in ``range(num_chunks)``.
 
         After a chunk that ends at least ``save_interval_s`` seconds after the last

@@ -223,27 +223,16 @@ def table(result: dict) -> str:
     """One row per point and method, then the reduction at the largest point and goals."""
     s = result["summary"]
     config = result["config"]
-    headers = [
-        "width",
-        "batch",
-        "method",
-        "peak_MiB",
-        "bytes_ratio",
-        "step_ms",
-        "time_ratio",
-        "compile_s",
-    ]
+    headers = ["width", "batch", "method", *reporting.COST_HEADERS]
     rows = [
         [
             p["width"],
             p["batch"],
             name,
-            m["peak_bytes"] / 2**20,
-            m["bytes_ratio"],
-            None if m["step_time_s"] is None else 1e3 * m["step_time_s"],
-            m["time_ratio"],
-            m["compile_s"],
-        ]
+            *reporting.cost_cells(
+                m["peak_bytes"], m["bytes_ratio"], m["step_time_s"], m["time_ratio"], m["compile_s"]
+            ),
+        ]  # fmt: skip
         for p in s["points"]
         for name, m in ((n, p["methods"][n]) for n in reporting.ordered(p["methods"]))
     ]
@@ -253,29 +242,25 @@ def table(result: dict) -> str:
     )
     devices = result.get("mesh", {}).get("devices", 1)
     per_device = f"; bytes per device, data parallel over {devices}" if devices > 1 else ""
-    lines = [
+    return reporting.report(
         f"MLP 64-w-w-10, one donated update step; ratios vs ma_soba at the same point; median "
         f"of {config['step_repeats']} round-robin steps; on {result['environment']['device_kind']}"
         + per_device,
-        reporting.format_table(headers, rows),
+        headers,
+        rows,
         f"reduction vs ma_soba at the largest config (width {largest['width']}, batch "
         f"{largest['batch']}): {reductions}",
-        f"goals (BROS >= {100 * config['goal_reduction']:.0f}% fewer bytes, step time <= "
-        f"{config['goal_time_ratio']}x, at the largest config):",
-        reporting.format_goals(s["goal"]),
-    ]
-    return "\n".join(lines)
+        goal=s["goal"],
+        goal_title=f"goals (BROS >= {100 * config['goal_reduction']:.0f}% fewer bytes, step time "
+        f"<= {config['goal_time_ratio']}x, at the largest config):",
+    )
 
 
 def plot(result: dict, path) -> Any:
     """Bytes and time ratio against width and against batch, one line per method."""
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
-    s = result["summary"]
-    config = result["config"]
+    s, config = result["summary"], result["config"]
     names = reporting.ordered(s["points"][0]["methods"])
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = reporting.figure(2, 2, (12, 8))
     for column, (sweep, key, fixed) in enumerate(
         (("width", "width", f"batch {config['batch_size']}"),
          ("batch", "batch", f"width {config['batch_width']}"))

@@ -255,27 +255,23 @@ def table(result: dict) -> str:
         for name in reporting.ordered(s["time_ratio"])
     ]  # fmt: skip
     config = result["config"]
-    lines = [
+    return reporting.report(
         f"{s['params'] / 1e6:.1f}M params, batch {config['batch_size']}, "
         f"median of {config['step_repeats']} steps / {config['update_repeats']} updates, "
         f"on {result['environment']['device_kind']}",
-        reporting.format_table(headers, rows),
-        "goals (GNMR time ratio <= "
+        headers,
+        rows,
+        goal=s["goal"],
+        goal_title="goals (GNMR time ratio <= "
         f"{config['goal_time_ratio']}, memory ratio <= {config['goal_memory_ratio']}):",
-        reporting.format_goals(s["goal"]),
-    ]
-    return "\n".join(lines)
+    )
 
 
 def plot(result: dict, path) -> Any:
     """Bar charts of the time ratios (step and update alone) and the memory ratios."""
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
-    s = result["summary"]
-    config = result["config"]
+    s, config = result["summary"], result["config"]
     names = reporting.ordered(s["time_ratio"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = reporting.figure(1, 2, (12, 4.2))
     reporting.method_bars(
         axes[0],
         names,

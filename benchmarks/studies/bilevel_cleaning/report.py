@@ -83,11 +83,7 @@ def table(result: dict) -> str:
         "diverged",
         "w_clean",
         "w_corrupt",
-        "peak_MiB",
-        "bytes_ratio",
-        "step_ms",
-        "time_ratio",
-        "compile_s",
+        *reporting.COST_HEADERS,
     ]
     rows = [
         [
@@ -99,42 +95,41 @@ def table(result: dict) -> str:
             f"{m['diverged']}/{config['num_seeds']}" if m["trained"] else None,
             m.get("clean_weight"),
             m.get("corrupted_weight"),
-            m["peak_bytes"] / 2**20,
-            m.get("peak_bytes_ratio"),
-            1e3 * m["step_time_s"],
-            m.get("step_time_ratio"),
-            m["compile_s"],
-        ]
+            *reporting.cost_cells(
+                m["peak_bytes"],
+                m.get("peak_bytes_ratio"),
+                m["step_time_s"],
+                m.get("step_time_ratio"),
+                m["compile_s"],
+            ),
+        ]  # fmt: skip
         for name, m in ((n, s["methods"][n]) for n in reporting.ordered(s["methods"]))
     ]
     hidden = "x".join(str(h) for h in config["hidden"])
     reduction = s["memory_reduction_vs_ma_soba"]
-    lines = [
+    return reporting.report(
         f"MLP 64-{hidden}-10 ({s['num_params'] / 1e6:.2f}M params), {s['num_train']} train "
         f"samples, {100 * s['corrupted_fraction']:.0f}% corrupted; {config['num_steps']} steps, "
         f"batch {config['inner_batch']}/{config['outer_batch']}; median over "
         f"{config['num_seeds']} seeds; ratios vs ma_soba; on "
         f"{result['environment']['device_kind']}",
-        reporting.format_table(headers, rows),
+        headers,
+        rows,
         "memory reduction vs ma_soba (best BROS rank within 1 pt): "
         + ("none qualifies" if reduction is None else f"{100 * reduction:.1f}%")
         + (" (more bytes than ma_soba)" if reduction is not None and reduction < 0 else ""),
-        f"goals (BROS test acc within {100 * config['goal_accuracy_gap']:.0f} pt of ma_soba, "
-        f"step time <= {config['goal_time_ratio']}x):",
-        reporting.format_goals(s["goal"]),
-    ]
-    return "\n".join(lines)
+        goal=s["goal"],
+        goal_title=f"goals (BROS test acc within {100 * config['goal_accuracy_gap']:.0f} pt of "
+        f"ma_soba, step time <= {config['goal_time_ratio']}x):",
+    )
 
 
 def plot(result: dict, path) -> Any:
     """Test accuracy over seeds, compiled bytes, and validation-loss / F1 curves."""
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
     s, raw, config = result["summary"], result["raw"], result["config"]
     names = reporting.ordered(s["methods"])
     trained = [m for m in names if m in raw["seeds"]]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    fig, axes = reporting.figure(1, 4, (18, 4.2))
 
     ax = axes[0]
     accs = {m: [r["test_acc"] for r in raw["seeds"][m]] for m in trained}

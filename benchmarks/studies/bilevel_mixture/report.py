@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import matplotlib
 import numpy as np
 
 from benchmarks.harness import reporting
@@ -64,28 +65,26 @@ def table(result: dict) -> str:
             + [f"{m['diverged']}/{num_seeds}"]
         )
     legend = [f"  w{d['index']}: {d['spec']} ({d['description']})" for d in domains]
-    lines = [
+    return reporting.report(
         f"median over {num_seeds} seeds; w_k = final mixture softmax(x) (per-domain median over"
         " finite seeds, renormalised); target = clean digits test split",
-        reporting.format_table(headers, rows),
+        headers,
+        rows,
         "domains:",
         *legend,
-    ]
-    return "\n".join(lines)
+    )
 
 
 def plot(result: dict, path) -> Any:
     """Learned mixtures (stacked bars), seed-0 mixture trajectories, target accuracy."""
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
     config = result["config"]
     summary = result["summary"]
     methods = reporting.ordered(summary["methods"])
     domains = summary["domains"]
-    colors = plt.get_cmap("Dark2").colors  # domains (methods keep the palette's colours)
+    colors = matplotlib.colormaps["Dark2"].colors  # domains (methods keep the palette's colours)
     solvers = [m for m in methods if m not in BASELINES]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.1, 1.4, 1.0]})
+    widths = {"width_ratios": [1.1, 1.4, 1.0]}
+    fig, axes = reporting.figure(1, 3, (15, 4.2), gridspec_kw=widths)
 
     ax = axes[0]
     bottom = np.zeros(len(methods))

@@ -55,9 +55,6 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path) -> Any:
     """Validation curves, seed-0 train loss, the unit x step heat map, final losses."""
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
     config = result["config"]
     summary = result["summary"]
     raw = result["raw"]["bursts"]
@@ -65,7 +62,7 @@ def plot(result: dict, path) -> Any:
     evals = np.arange(config["num_steps"] // config["eval_every"] + 1) * config["eval_every"]
     layer = np.asarray(result["bursts"]["layer"][0])
     paths = result["layers"]
-    fig, axes = plt.subplots(2, 2, figsize=(14, 8.5))
+    fig, axes = reporting.figure(2, 2, (14, 8.5))
 
     ax = axes[0, 0]
     for name in names:

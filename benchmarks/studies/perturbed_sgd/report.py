@@ -27,17 +27,18 @@ def table(result: dict) -> str:
         [s["id"], "pass" if s["passed"] else "FAIL", _short(s["measured"]), s["expected"]]
         for s in result["summary"]["statements"]
     ]
-    lines = [
-        reporting.format_table(["id", "result", "measured", "expected"], rows),
-        f"{result['summary']['passed']}/{result['summary']['total']} statements pass",
-    ]
+    notes = [f"{result['summary']['passed']}/{result['summary']['total']} statements pass"]
     for s in result["summary"]["statements"]:
         if s["id"] != 4:
             continue
         for kind, ratios in s["measured"]["median_ratio_fwd_over_bwd"].items():
             cells = " ".join(f"{v:.3g}" for v in ratios)
-            lines.append(f"statement 4, {kind}: fwd/bwd ratio per operator 1..N: {cells}")
-    return "\n".join(lines)
+            notes.append(f"statement 4, {kind}: fwd/bwd ratio per operator 1..N: {cells}")
+    config = result["config"]
+    heading = (
+        f"measured statements, {config['num_seeds']} seeds, {config['num_operators']} operators"
+    )
+    return reporting.report(heading, ["id", "result", "measured", "expected"], rows, *notes)
 
 
 def plot(result: dict, path) -> Any:
@@ -45,11 +46,8 @@ def plot(result: dict, path) -> Any:
 
     A panel stays empty when its sections did not run (``config.sections``).
     """
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
     raw = result["raw"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = reporting.figure(2, 2, (12, 8))
 
     ax = axes[0, 0]
     if "example" in raw or "recovery" in raw:

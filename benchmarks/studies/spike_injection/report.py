@@ -109,14 +109,13 @@ def table(result: dict) -> str:
          m["recovered_unit_steps"], m["triggers"], m["false_triggers"], m["denied"]]
         for name, m in ((n, summary["methods"][n]) for n in reporting.ordered(summary["methods"]))
     ]  # fmt: skip
-    lines = [
+    return reporting.report(
         f"median over {num_seeds} seeds; spike counts summed over seeds; "
         f"clip_by_global_norm c = {reporting.format_value(summary['clip_norm'])}",
-        reporting.format_table(headers, rows),
-        "goals:",
-        reporting.format_goals(summary["goal"]),
-    ]
-    return "\n".join(lines)
+        headers,
+        rows,
+        goal=summary["goal"],
+    )
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -151,13 +150,10 @@ def _spike_marks(ax, result: dict, seed: int) -> None:
 
 def plot(result: dict, path) -> Any:
     """Test accuracy per method over seeds, and train-loss curves with spike times."""
-    reporting.plot_style()
-    import matplotlib.pyplot as plt
-
     config, raw = result["config"], result["raw"]
     names = reporting.ordered(raw)
     shown = [name for name in names if name in CURVE_METHODS]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = reporting.figure(1, 3, (15, 4.2))
     _accuracy_panel(axes[0], result, names)
     stride = config["curve_stride"]
     window = max(1, config["smooth_window"] // stride)
