@@ -81,6 +81,17 @@ def differences(
     return [] if got == want else [f"{path}: {got!r} != {want!r}"]
 
 
+def common(got: Any, want: Any) -> tuple[Any, Any]:
+    """``got`` and ``want`` cut to the keys (and list lengths) they share."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        pairs = {k: common(got[k], want[k]) for k in want if k in got}
+        return {k: g for k, (g, _) in pairs.items()}, {k: w for k, (_, w) in pairs.items()}
+    if isinstance(got, list | tuple) and isinstance(want, list | tuple):
+        pairs = [common(g, w) for g, w in zip(got, want, strict=False)]
+        return [g for g, _ in pairs], [w for _, w in pairs]
+    return got, want
+
+
 def leaves(tree: Any) -> list[Any]:
     if isinstance(tree, dict):
         return [leaf for value in tree.values() for leaf in leaves(value)]
@@ -90,9 +101,9 @@ def leaves(tree: Any) -> list[Any]:
 
 
 def largest_relative(got: Any, want: Any) -> float:
-    """The largest ``|got - want| / |want|`` over numeric leaves of equal structure."""
+    """The largest ``|got - want| / |want|`` over the numeric leaves both have."""
     worst = 0.0
-    for g, w in zip(leaves(got), leaves(want), strict=False):
+    for g, w in zip(*(leaves(tree) for tree in common(got, want)), strict=True):
         if _number(g) and _number(w) and w != g and math.isfinite(g) and math.isfinite(w):
             worst = max(worst, abs(g - w) / abs(w) if w else math.inf)
     return worst

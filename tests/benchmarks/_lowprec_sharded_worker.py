@@ -5,13 +5,12 @@ Started by ``test_lowprec_lm.py::test_data_parallel_matches_one_device`` with
 
     python tests/benchmarks/_lowprec_sharded_worker.py OUT.npz
 
-On the tiny config it runs the study's ``train_method`` for ``reference`` (float32),
-``none`` (int8) and ``oracle_precision`` (int8 with layers switched to float32 after
-bursts) twice: with the batch sharded over a
+On the tiny config it runs the study's ``train_method`` for ``reference`` (float32)
+and ``none`` (int8) twice: with the batch sharded over a
 ``("data",)`` mesh of 8 devices, and with no mesh; then ``reference`` and ``none`` on a
 wider model whose large kernels are split over the devices (FSDP), twice likewise.
-Keys ``<dp|fsdp>/<method>/<sharded|single>/<trace>`` (traces ``loss``, ``val_curve``,
-``high_precision``), ``fsdp/split_leaves`` and ``fsdp/mlp_width``; ``error`` holds a
+Keys ``<dp|fsdp>/<method>/<sharded|single>/<trace>`` (traces ``loss`` and
+``val_curve``), ``fsdp/split_leaves`` and ``fsdp/mlp_width``; ``error`` holds a
 traceback instead if the run raised.
 """
 
@@ -32,7 +31,7 @@ from benchmarks.studies.lowprec_lm import stress, train  # noqa: E402
 from configs import lowprec_lm  # noqa: E402
 from optstab import lowprec  # noqa: E402
 
-TRACES = ("loss", "val_curve", "high_precision")
+TRACES = ("loss", "val_curve")
 
 
 def train_both(results, label, names, config, mesh, fsdp=False) -> None:
@@ -55,7 +54,7 @@ def main(out: str) -> None:
         assert jax.device_count() == 8, jax.devices()
         mesh = parallel.data_mesh()
         config = lowprec_lm.get_config("tiny")
-        train_both(results, "dp", ("reference", "none", "oracle_precision"), config, mesh)
+        train_both(results, "dp", ("reference", "none"), config, mesh)
         # FSDP: a wider model whose MLP kernels (64 x 256) are split over the 8 devices.
         config.width, config.mlp_width = 64, 256
         quant = lowprec.quant_config(**config.quant)

@@ -153,15 +153,15 @@ def plot(result: dict, path) -> Any:
         (axes[2], "val_loss", "validation loss (median over seeds)", "cross-entropy (nats)"),
         (axes[3], "detect_f1", "detection F1 of x (median over seeds)", "F1 (fraction)"),
     ):
-        for m in trained:
+        shown = [m for m in trained if key in raw["curves"][m][0]]  # F1: solvers only
+        for m in shown:
             runs = raw["curves"][m]
-            if key not in runs[0]:
-                continue
             values = np.median(np.asarray([r[key] for r in runs], dtype=float), axis=0)
             ax.plot(runs[0]["step"], values, label=m, lw=1.2, color=reporting.color(m))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        subset = "" if len(shown) == len(trained) else f", {len(shown)} of {len(trained)} methods"
+        ax.set_title(title + subset)
         ax.legend(fontsize=7)
     axes[2].set_yscale("log")
     fig.suptitle(

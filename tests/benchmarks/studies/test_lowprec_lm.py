@@ -174,7 +174,7 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     # within (n - 1) u of the exact mean of these positive terms, the two within
     # 2 (n - 1) u = 1.5e-5 relative, int8 or not.
     step0 = 2 * (tokens - 1) * U
-    for name in ("reference", "none", "oracle_precision"):
+    for name in ("reference", "none"):
         sharded, single = traces(r, "dp", name, "loss")
         np.testing.assert_allclose(sharded[:, 0], single[:, 0], rtol=step0, err_msg=name)
     # float32 (reference): every step reassociates its sums again, and the validation
@@ -186,15 +186,12 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
     # int8: from step 1 on the parameters differ by reassociation, so an activation close
     # to a rounding boundary of its quantizer may round the other way: a change of one
     # quantization step (amax / 127) instead of a float32 ulp, which training then
-    # carries (about 5000x the float32 difference was measured). Both runs are still
+    # carries (two to four orders of magnitude above the float32 difference). Both are still
     # int8 runs of the same model on the same data, differing only in which few values
     # rounded which way; so their difference cannot exceed what all the roundings did
-    # together: the int8 run's largest distance from the float32 run. (oracle_precision
-    # runs the layers a burst disturbed in float32: the switched path, sharded.)
-    for name in ("none", "oracle_precision"):
-        for key in ("loss", "val_curve"):
-            within_quantization_effect(r, "dp", name, key)
-    assert traces(r, "dp", "oracle_precision", "high_precision")[0].any()  # that path ran
+    # together: the int8 run's largest distance from the float32 run.
+    for key in ("loss", "val_curve"):
+        within_quantization_effect(r, "dp", "none", key)
     # FSDP also splits large kernels: the down projection's contraction over its K
     # inputs becomes 8 partial sums, a reassociation of 2 (K - 1) u relative in its
     # outputs on top of the batch mean's (to first order the loss moves by no more).
