@@ -82,6 +82,7 @@ class Recipe:
     wrap: str | None = None  # around AdamW: "skip_step" or "gnmr" (gnmr_wrap)
     action: tuple[str, ...] | None = None  # GNMR's action; None: the library default
     gnmr_extra: str | None = None  # a config group laid over config.gnmr
+    gnmr_options: tuple[tuple[str, Any], ...] = ()  # fixed GNMR keywords, e.g. a signal
 
 
 RECIPES = {
@@ -139,6 +140,7 @@ def _gnmr_settings(recipe: Recipe, config: ml_collections.ConfigDict, units: Any
     settings = _group(config, "gnmr")
     if recipe.gnmr_extra:
         settings.update(_group(config, recipe.gnmr_extra))
+    settings.update(recipe.gnmr_options)
     if recipe.action is not None:
         settings["action"] = recipe.action
     if units is not None:
