@@ -262,7 +262,7 @@ def prepare(name: str, config: Any, mesh: Any) -> Any:
 
     try:
         return studies.load(name).check(config, mesh)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # a missing field too
         raise UsageError(f"{name}: {type(error).__name__}: {error}") from None
 
 
