@@ -71,3 +71,19 @@ def test_all_checks_every_config_before_running_any(no_training, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith("error: lowprec_lm: ") and "adam_but_better" in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_config_missing_a_field_is_one_line(no_training, capsys, tmp_path):
+    path = tmp_path / "short.py"
+    path.write_text(
+        "from configs import spike_injection\n"
+        "def get_config():\n"
+        "    c = spike_injection.get_config('quick')\n"
+        "    del c['spike_kind']\n"
+        "    return c\n"
+    )
+    out = tmp_path / "out"
+    assert runner.main(["spike_injection", "--config", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: spike_injection: ") and "spike_kind" in err, err
+    assert err.count("\n") == 1 and not (out / "checkpoints").exists()
