@@ -1,9 +1,15 @@
-"""Benchmark studies for optstab.
+"""Benchmarks of optstab: the studies that test its claims, and what runs them.
 
-Each study is a module ``benchmarks/<study>.py`` with ``run(config) -> dict``, a
-``plot(result, path)`` and a ``table(result) -> str``; its settings live in
-``configs/<study>.py``. ``python -m benchmarks.run STUDY`` runs one or all of them and
-writes ``results/<study>.json`` and ``results/<study>.png``.
+The folders are the architecture:
 
-The library never imports this package; the studies only use the public optstab API.
+* ``run.py``: the command line (``python -m benchmarks.run STUDY --config quick``);
+* ``harness/``: how any study is run: the study protocol, the run context
+  (checkpoints, mesh, FSDP, progress), the result envelope, resume, devices, timing
+  and memory measurement, reporting;
+* ``problems/``: what several studies share: data, models, the byte-level LM, the
+  cleaning problem, and the one registry of methods;
+* ``studies/``: one module or package per study: its problem, its methods and its
+  analysis and figure, and nothing else; configs in ``configs/<study>.py``.
+
+The library (``optstab``) never imports this package; the studies use only its public API.
 """

@@ -1,18 +1,21 @@
 """Command-line runner for the benchmark studies.
 
-    python -m benchmarks.run STUDY [--config quick|full|FILE.py[:ARG]] [--config.KEY=VALUE ...]
-                             [--out results] [--checkpoint-dir DIR | --no-checkpoint]
+    python -m benchmarks.run STUDY [--config tiny|quick|full|FILE.py[:ARG]]
+                             [--config.KEY=VALUE ...] [--out results]
+                             [--checkpoint-dir DIR | --no-checkpoint]
                              [--mesh auto|none|N] [--fsdp] [--distributed]
 
-``STUDY`` is one of ``STUDIES`` below or ``all``. The config is
-``configs/<study>.py``'s ``get_config("quick" | "full")`` (``--quick`` is short for
-``--config quick``; the default is ``full``), or ``get_config(ARG)`` of any file.
-``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) overrides one field; nested
+``STUDY`` is one of ``benchmarks.studies.STUDIES`` or ``all``. The config is
+``configs/<study>.py``'s ``get_config("tiny" | "quick" | "full")`` (``--quick`` is
+short for ``--config quick``; the default is ``full``), or ``get_config(ARG)`` of any
+file. ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) overrides one field; nested
 fields use dots (``--config.gnmr.lock_steps=56``) and the value is parsed to the
 field's type (``--config.methods=none,gnmr_clip`` for tuples).
 
-The runner calls ``benchmarks.<study>.run(config, ...)``, writes the returned dict to
-``<out>/<study>.json``, draws ``<out>/<study>.png`` and prints a summary table.
+For every study asked for, the runner first checks the whole config (the study's
+``prepare``: method names, every hyperparameter, sizes) and only then claims a
+checkpoint directory and trains; it writes the result to ``<out>/<study>.json``, draws
+``<out>/<study>.png`` and prints a summary table (:mod:`benchmarks.harness.study`).
 
 Resume: finished stages (and chunks of long loops) are checkpointed under
 ``<out>/checkpoints/<study>`` (``--checkpoint-dir`` to move it; long training loops
@@ -25,10 +28,11 @@ Scale: ``--mesh auto`` (default) puts the batch of every training step on all de
 (data parallel); ``--fsdp`` also splits large parameters; ``--distributed`` calls
 ``jax.distributed.initialize()`` first, for multi-host runs (see benchmarks/README.md).
 
-Bad input (unknown study, bad override, broken config file, unusable checkpoint or
-output directory) ends with a one-line ``error:`` message and exit status 2; a
-``ValueError``, ``TypeError`` or ``OSError`` raised while a study runs (its own config
-checks, say) ends with one line and status 1. ``--traceback`` shows full tracebacks.
+Bad input (unknown study, bad override, broken config file, a config the study
+rejects, unusable checkpoint or output directory) ends with a one-line ``error:``
+message and exit status 2, before any training; a ``ValueError``, ``TypeError`` or
+``OSError`` raised while a study runs ends with one line and status 1. ``--traceback``
+shows full tracebacks.
 """
 
 from __future__ import annotations
@@ -45,15 +49,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-STUDIES = (
-    "spike_injection",
-    "overhead",
-    "perturbed_sgd",
-    "bilevel_cleaning",
-    "bilevel_memory",
-    "bilevel_mixture",
-    "lowprec_lm",
-)
+from benchmarks.studies import STUDIES
+from configs import SIZES
+
 OVERRIDE = "--config."
 
 
@@ -73,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("study", help=f"one of {', '.join(STUDIES)}, all")
-    parser.add_argument("--config", default=None, help="quick, full, or FILE.py[:ARG]")
+    parser.add_argument("--config", default=None, help="tiny, quick, full, or FILE.py[:ARG]")
     parser.add_argument("--quick", action="store_true", help="same as --config quick")
     parser.add_argument("--seeds", type=int, default=None, help="same as --config.num_seeds")
     parser.add_argument("--out", default="results", help="folder for the JSON and PNG files")
@@ -124,12 +122,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def load_config(study: str, spec: str) -> Any:
-    """``quick`` / ``full`` from ``configs/<study>.py``, or ``FILE.py[:ARG]``."""
-    if spec in ("quick", "full"):
+    """A size of ``configs/<study>.py`` (``tiny``, ``quick``, ``full``), or ``FILE.py[:ARG]``."""
+    if spec in SIZES:
         return importlib.import_module(f"configs.{study}").get_config(spec)
     path, _, arg = spec.partition(":")
     if not path.endswith(".py"):
-        raise UsageError(f"--config must be quick, full or FILE.py[:ARG], got {spec!r}")
+        raise UsageError(f"--config must be {', '.join(SIZES)} or FILE.py[:ARG], got {spec!r}")
     if not os.path.isfile(path):
         raise UsageError(f"--config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
@@ -238,11 +236,11 @@ def make_config(study: str, args: argparse.Namespace, overrides: list) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# Devices and checkpoints
+# Devices, plans and checkpoints
 
 
 def make_mesh(spec: str) -> Any:
-    from benchmarks import parallel
+    from benchmarks.harness import parallel
 
     if spec == "auto":
         return "auto"
@@ -258,26 +256,18 @@ def make_mesh(spec: str) -> Any:
         raise UsageError(f"--mesh {spec}: {error}") from None
 
 
-def run_context(args: argparse.Namespace) -> dict:
-    """What else a resumed run must share with the interrupted one to give its bits."""
-    import jax
-    import jaxlib
-    import orbax.checkpoint
+def prepare(name: str, config: Any, mesh: Any) -> Any:
+    """The study's plan: its whole config checked and its methods built, nothing run."""
+    from benchmarks import studies
 
-    from benchmarks import parallel
-
-    return {
-        "devices": parallel.describe(parallel.resolve_mesh(args.mesh_value)),
-        "fsdp": args.fsdp,
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "orbax": getattr(orbax.checkpoint, "__version__", "unknown"),
-    }
+    try:
+        return studies.load(name).check(config, mesh)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # a missing field too
+        raise UsageError(f"{name}: {type(error).__name__}: {error}") from None
 
 
-def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
-    from benchmarks import resume
+def make_checkpointer(study: str, config: Any, args: argparse.Namespace, mesh: Any) -> Any:
+    from benchmarks.harness import resume
 
     if args.no_checkpoint:
         return resume.NoCheckpoint()
@@ -285,40 +275,39 @@ def make_checkpointer(study: str, config: Any, args: argparse.Namespace) -> Any:
     if args.checkpoint_dir and len(args.study_names) > 1:
         directory = Path(args.checkpoint_dir) / study
     try:
-        checkpointer = resume.Checkpointer(
+        return resume.Checkpointer(
             directory,
             study,
             config,
             keep=args.keep,
             save_interval_s=args.save_every,
             remove_when_done=not args.keep_checkpoints,
-            context=run_context(args),
+            context=resume.run_context(mesh, args.fsdp),
         )
     except (PermissionError, resume.ConfigMismatch, ValueError) as error:
         raise UsageError(str(error)) from None
-    return checkpointer
 
 
 # ---------------------------------------------------------------------------
 # Running
 
 
-def run_study(name: str, config: Any, checkpointer: Any, args: argparse.Namespace) -> dict:
+def run_study(name: str, plan: Any, config: Any, checkpointer: Any, args, mesh) -> dict:
     """Runs one study end to end, writes its JSON and PNG, then drops its checkpoints."""
     import jax
 
-    from benchmarks import reporting
+    from benchmarks import studies
+    from benchmarks.harness import Context, reporting
 
     out = Path(args.out)
-    study = importlib.import_module(f"benchmarks.{name}")
+    study = studies.load(name)
     print(f"== {name} ({config.get('size', 'custom')}) ==")
     if checkpointer.resuming:
         print(f"resuming {name} from {checkpointer.directory}")
     start = time.perf_counter()
-    result = study.run(config, checkpoint_dir=checkpointer, mesh=args.mesh_value, fsdp=args.fsdp)
-    restored = getattr(checkpointer, "restored", [])
-    if restored:
-        print(f"restored from checkpoints: {', '.join(restored)}")
+    result = study.execute(plan, Context(name, config, mesh, args.fsdp, checkpointer))
+    if checkpointer.restored:
+        print(f"restored from checkpoints: {', '.join(checkpointer.restored)}")
     if jax.process_index() == 0:  # multi-host: one writer
         json_path = reporting.write_json(result, out / f"{name}.json")
         png_path = study.plot(result, out / f"{name}.png")
@@ -349,7 +338,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list]:
     args.study_names = STUDIES if args.study == "all" else (args.study,)
     if overrides and len(args.study_names) > 1:
         raise UsageError("--config.KEY overrides need a single study, not 'all'")
-    if args.config not in (None, "quick", "full") and len(args.study_names) > 1:
+    if args.config not in (None, *SIZES) and len(args.study_names) > 1:
         raise UsageError("--config FILE needs a single study, not 'all'")
     if args.no_checkpoint and args.checkpoint_dir:
         raise UsageError("--no-checkpoint contradicts --checkpoint-dir")
@@ -358,7 +347,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list]:
 
 def check_output_dir(path: str) -> None:
     """The results folder must be writable before hours of work go into it."""
-    from benchmarks import resume
+    from benchmarks.harness import resume
 
     try:
         resume.check_writable(Path(path), what="--out folder")
@@ -369,7 +358,7 @@ def check_output_dir(path: str) -> None:
 def initialize_distributed(args: argparse.Namespace) -> None:
     import jax
 
-    from benchmarks import parallel
+    from benchmarks.harness import parallel
 
     try:
         parallel.initialize_distributed()
@@ -377,6 +366,12 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         raise UsageError(f"--distributed: {error}") from None
     if jax.process_count() > 1 and not args.no_checkpoint:
         raise UsageError("checkpointing a multi-host run is not supported yet: add --no-checkpoint")
+
+
+def resolve_mesh(spec: Any) -> Any:
+    from benchmarks.harness import parallel
+
+    return parallel.resolve_mesh(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,13 +384,17 @@ def main(argv: list[str] | None = None) -> int:
         args, overrides = parse(argv)
         if args.distributed:
             initialize_distributed(args)
-        args.mesh_value = make_mesh(args.mesh)
+        mesh = resolve_mesh(make_mesh(args.mesh))
         check_output_dir(args.out)
         configs = {name: make_config(name, args, overrides) for name in args.study_names}
-        checkpointers = {name: make_checkpointer(name, configs[name], args) for name in configs}
+        # Every config is checked before anything is claimed or trained.
+        plans = {name: prepare(name, config, mesh) for name, config in configs.items()}
+        checkpointers = {
+            name: make_checkpointer(name, config, args, mesh) for name, config in configs.items()
+        }
         for name, config in configs.items():
             try:
-                run_study(name, config, checkpointers[name], args)
+                run_study(name, plans[name], config, checkpointers[name], args, mesh)
             except (ValueError, TypeError, OSError) as error:
                 if traceback:
                     raise

@@ -1,4 +1,6 @@
-"""Configuration of the hyper-data-cleaning study (see ``benchmarks/bilevel_cleaning.py``).
+"""Configuration of the hyper-data-cleaning study (``benchmarks/studies/bilevel_cleaning``).
+
+    python -m benchmarks.run bilevel_cleaning --config quick   # or tiny, full
 
 How the step sizes were chosen. On MA-SOBA alone, with validation metrics alone, on
 tuning seeds 100-102 (the reported seeds are 0, 1, 2, ...); SOBA, BROS and the test
@@ -46,7 +48,16 @@ from configs import new_config
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"quick"`` (this 2-core CPU, one to two minutes) or ``"full"`` (one GPU)."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (this 2-core CPU, one to two minutes)
+    or ``"full"`` (one GPU)."""
+    if size == "tiny":  # the quick config, made small; its batches divide by 8
+        c = get_config("quick")
+        c.size = "tiny"
+        c.methods = ("no_cleaning", "oracle", "ma_soba", "bros_r4")
+        c.memory_only_methods = ("bros_r4_naive",)
+        c.hidden, c.num_seeds, c.num_steps, c.eval_every = (16, 16), 2, 6, 3
+        c.warmup_rounds, c.step_repeats = 0, 1
+        return c
     c = new_config(size)
     quick = size == "quick"
     c.methods = (

@@ -1,4 +1,6 @@
-"""Configuration of the bilevel memory sweep (see ``benchmarks/bilevel_memory.py``).
+"""Configuration of the bilevel memory sweep (``benchmarks/studies/bilevel_memory.py``).
+
+    python -m benchmarks.run bilevel_memory --config quick   # or tiny, full
 
 Quick (this 2-core CPU): widths 256 / 1024 / 4096 at batch 64 and batches 64 / 512 /
 2048 at width 1024, rank 16, and the naive rank-16 variant for memory only. On this
@@ -16,7 +18,14 @@ from configs import new_config
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"quick"`` (CPU) or ``"full"`` (one GPU host)."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (CPU) or ``"full"`` (one GPU host)."""
+    if size == "tiny":  # two points (width 16; batches 8 and 16), MA-SOBA and rank 4
+        c = get_config("quick")
+        c.size = "tiny"
+        c.widths, c.batch_size, c.batches, c.batch_width = (16,), 8, (8, 16), 16
+        c.ranks, c.naive_ranks, c.time_naive = (4,), (4,), True
+        c.warmup_rounds, c.step_repeats = 0, 1
+        return c
     c = new_config(size)
     quick = size == "quick"
     c.seed = 0

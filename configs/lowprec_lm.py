@@ -1,4 +1,6 @@
-"""Config of the ``lowprec_lm`` study (see ``benchmarks/lowprec_lm.py``).
+"""Config of the ``lowprec_lm`` study (``benchmarks/studies/lowprec_lm``).
+
+    python -m benchmarks.run lowprec_lm --config quick   # or tiny, full
 
 How the stress was chosen (on the quick model, 1 seed, before any GNMR result was
 looked at for tuning; GNMR keeps the library defaults throughout):
@@ -20,20 +22,33 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import new_config
+
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    if size not in ("quick", "full"):
-        raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (CPU, under 4 minutes) or ``"full"``
+    (one GPU)."""
+    if size == "tiny":  # a one-block model, 20 steps, bursts on about half of them
+        c = get_config("quick")
+        c.size = "tiny"
+        c.num_seeds = 2
+        c.methods = ("reference", "none", "zclip", "gnmr_precision", "oracle_precision",
+                     "gnmr_amax_precision")  # fmt: skip
+        c.width, c.depth, c.heads, c.mlp_width = 16, 1, 2, 32
+        c.context, c.batch_size, c.val_windows = 16, 8, 8
+        c.num_steps, c.eval_every, c.burst_start = 20, 10, 2
+        c.burst_prob, c.burst_length = 0.5, (3, 5)
+        c.gnmr.warmup_steps = 2
+        return c
+    c = new_config(size)
     quick = size == "quick"
-    c = ml_collections.ConfigDict()
-    c.size = size
     c.num_seeds = 3
     c.methods = (
         "reference", "none", "clip_by_global_norm", "zclip", "spam", "skip_step",
         "gnmr_precision", "gnmr_precision_clip", "oracle_precision", "gnmr_amax_precision",
     )  # fmt: skip
 
-    # Model and data: byte-level decoder, stdlib sources (benchmarks/lm.py).
+    # Model and data: byte-level decoder, stdlib sources (benchmarks/problems/lm.py).
     c.width = 64 if quick else 256
     c.depth = 2 if quick else 6
     c.heads = 4 if quick else 8

@@ -1,4 +1,7 @@
-"""Configuration of the overhead study (see ``benchmarks/overhead.py``)."""
+"""Configuration of the overhead study (``benchmarks/studies/overhead.py``).
+
+python -m benchmarks.run overhead --config quick   # or tiny, full
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,15 @@ METHODS = (
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"quick"`` (few timed repeats) or ``"full"`` (more repeats)."""
+    """``size`` is ``"tiny"`` (a small MLP, seconds), ``"quick"`` (few timed repeats) or
+    ``"full"`` (more repeats)."""
+    if size == "tiny":  # a 2.8k-parameter MLP, batch 8, three methods
+        c = get_config("quick")
+        c.size = "tiny"
+        c.methods = ("adamw", "gnmr_chain", "gnmr_wrap")
+        c.sizes, c.batch_size = (32, 64, 10), 8
+        c.warmup_rounds, c.step_repeats, c.update_repeats = 1, 2, 2
+        return c
     c = new_config(size)
     c.methods = METHODS
     c.seed = 0

@@ -1,4 +1,6 @@
-"""Configuration of the perturbed forward-backward SGD study (``benchmarks/perturbed_sgd.py``).
+"""Config of the perturbed forward-backward SGD study (``benchmarks/studies/perturbed_sgd``).
+
+    python -m benchmarks.run perturbed_sgd --config quick   # or tiny, full
 
 How the numbers were set. Learning rates come from the Hessian's extreme eigenvalues
 of the L2-regularised logistic problem on the training split (largest about 0.6,
@@ -30,7 +32,17 @@ SECTIONS = (
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"quick"`` (CPU, under 3 minutes) or ``"full"``."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (CPU, under 3 minutes) or ``"full"``."""
+    if size == "tiny":  # the quick config, made small; its batches divide by 8
+        c = get_config("quick")
+        c.size = "tiny"
+        c.num_seeds, c.num_operators, c.probe_keys, c.probe_batch = 2, 3, 2, 8
+        c.rate_steps, c.rate_seeds, c.optimum_steps = 300, 2, 300
+        c.plateau_sizes, c.plateau_window = (0.1, 0.4), 20
+        c.spike_steps, c.spike_t0, c.spike_sizes = 200, 20, (1.0, 10.0, 100.0)
+        c.threshold_steps, c.threshold_sizes = 60, (0.5, 2.0)
+        c.timing_repeats = 3
+        return c
     c = new_config(size)
     quick = size == "quick"
     c.seed = 0

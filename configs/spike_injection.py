@@ -1,4 +1,6 @@
-"""Configuration of the spike-injection study (see ``benchmarks/spike_injection.py``).
+"""Configuration of the spike-injection study (``benchmarks/studies/spike_injection``).
+
+    python -m benchmarks.run spike_injection --config quick   # or tiny, full
 
 How the stress was chosen. It was calibrated on the quick size with the ``clean`` and
 ``none`` runs only (no other method was looked at), raising it until ``none`` ended at
@@ -41,7 +43,14 @@ METHODS = (
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"quick"`` (CPU, a few minutes in all) or ``"full"``."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (CPU, a few minutes) or ``"full"``."""
+    if size == "tiny":  # the quick config, made small
+        c = get_config("quick")
+        c.size = "tiny"
+        c.methods = ("clean", "none", "clip_by_global_norm", "gnmr_clip", "gnmr_skip_budget2")
+        c.num_seeds, c.num_steps, c.spike_start, c.hidden = 2, 60, 10, (16,)
+        return c
+
     c = new_config(size)
     c.methods = METHODS
     c.seed = 0  # seed s of the study uses fold_in(key(seed), s)

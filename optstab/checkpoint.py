@@ -19,11 +19,8 @@ sharded) and unflattens. Leaves that orbax cannot write directly are handled her
 * zero-size leaves are stored in the metadata only (they hold no values);
 * numpy arrays and Python scalars come back as numpy arrays / Python scalars.
 
-Restored values are bit-identical to the saved ones.
-
-A checkpoint made only of plain containers (dicts with string keys, lists, tuples,
-``None``) can also be read back without a target: ``restore(path, step)`` rebuilds
-the containers and returns numpy arrays (typed PRNG keys come back as keys).
+Restored values are bit-identical to the saved ones. Restoring always needs a target
+(``like``): a checkpoint records shapes and dtypes, never Python types.
 
 Example:
 
@@ -37,9 +34,6 @@ Example:
     >>> restored = checkpoint.restore(root, None, like)  # None: the latest step
     >>> bool(jnp.all(restored["params"]["w"] == 1)), restored["key"].dtype
     (True, key<fry>)
-    >>> checkpoint.save(root, 101, {"losses": [1.5, 2.5], "note": None})
-    >>> checkpoint.restore(root, 101)  # plain containers: no target needed
-    {'losses': [1.5, 2.5], 'note': None}
 """
 
 from __future__ import annotations
@@ -55,13 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["all_steps", "is_plain", "latest_step", "restore", "save"]
+__all__ = ["all_steps", "latest_step", "restore", "save"]
 
 PyTree = Any
 
 _LEAVES = "leaves"
 _META = "meta"
-_FORMAT_VERSION = 2  # 2: data shape/dtype of every leaf, plain structure (key order kept)
+_FORMAT_VERSION = 2  # 2: data shape/dtype of every leaf
 
 # Leaf kinds recorded in the metadata.
 _ARRAY = "array"  # jax.Array (restored as jax.Array with like's sharding)
@@ -143,66 +137,6 @@ def _describe(path: Any, leaf: Any) -> tuple[dict[str, Any], Any]:
     return entry, value
 
 
-class _NotPlain(Exception):
-    """The tree holds a container other than dict / list / tuple / None."""
-
-
-def _plain_structure(state: PyTree) -> Any:
-    """A JSON description of ``state``'s containers when they are all plain (dicts with
-    string keys, lists, tuples, None), else None. Leaves are numbered in the order
-    ``jax.tree`` flattens them (dict keys sorted); dicts also record their own key
-    order, which a target-free restore gives back."""
-    counter = iter(range(len(jax.tree.leaves(state))))
-
-    def encode(node: Any) -> Any:
-        if node is None:
-            return {"none": None}
-        if isinstance(node, dict) and type(node) is dict:
-            if not all(isinstance(k, str) for k in node):
-                raise _NotPlain
-            children = {k: encode(node[k]) for k in sorted(node)}
-            return {"dict": [[k, children[k]] for k in node]}
-        if type(node) in (list, tuple):
-            return {type(node).__name__: [encode(v) for v in node]}
-        if isinstance(node, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
-            return next(counter)
-        raise _NotPlain
-
-    try:
-        return encode(state)
-    except _NotPlain:
-        return None
-
-
-def is_plain(state: PyTree) -> bool:
-    """Whether ``state`` can be restored without a target: its containers are dicts with
-    string keys, lists, tuples and None, and its leaves arrays or Python numbers.
-
-    Example:
-
-        >>> import numpy as np
-        >>> from optstab import checkpoint
-        >>> checkpoint.is_plain({"loss": np.zeros(3), "runs": [1, 2.5, None]})
-        True
-        >>> checkpoint.is_plain({"name": "adam"})  # a string leaf
-        False
-    """
-    return _plain_structure(state) is not None
-
-
-def _build_plain(structure: Any, leaves: list) -> PyTree:
-    """Inverse of :func:`_plain_structure`."""
-    if isinstance(structure, int):
-        return leaves[structure]
-    ((kind, body),) = structure.items()
-    if kind == "none":
-        return None
-    if kind == "dict":
-        return {k: _build_plain(v, leaves) for k, v in body}
-    children = [_build_plain(v, leaves) for v in body]
-    return children if kind == "list" else tuple(children)
-
-
 def save(path: str | os.PathLike, step: int, state: PyTree, *, keep: int | None = None) -> None:
     """Writes ``state`` as checkpoint ``step`` under directory ``path`` and waits for it.
 
@@ -249,7 +183,6 @@ def save(path: str | os.PathLike, step: int, state: PyTree, *, keep: int | None 
         "format": _FORMAT_VERSION,
         "num_leaves": len(entries),
         "treedef": str(treedef),
-        "structure": _plain_structure(state),
         "leaves": entries,
     }
     items = {_META: ocp.args.JsonSave(meta)}
@@ -376,16 +309,10 @@ def restore(
 ) -> PyTree:
     """Reads checkpoint ``step`` from ``path`` into the structure of ``like``.
 
-    Without ``like`` (``None``), a checkpoint whose containers were all plain (dicts
-    with string keys, lists, tuples, None) is rebuilt as it was saved, with numpy
-    arrays for array leaves, Python scalars for Python scalars and typed keys for
-    typed keys; any other checkpoint needs ``like``.
-
     Args:
       path: checkpoint root directory written by :func:`save`.
       step: the step to restore, or ``None`` for the latest one.
-      like: None (see above), or a pytree with the structure, shapes and dtypes of
-        the saved state:
+      like: a pytree with the structure, shapes and dtypes of the saved state:
         concrete arrays or abstract ``jax.ShapeDtypeStruct`` leaves (for example
         ``jax.eval_shape(init_fn)``). jax leaves are restored with ``like``'s
         sharding when it has one (so a sharded state comes back sharded), else on
@@ -404,7 +331,7 @@ def restore(
       FileNotFoundError: there is no checkpoint (or no such ``step``) under ``path``.
       ValueError: the checkpoint's leaves do not match ``like`` (number of leaves,
         shapes, dtypes, PRNG-key-ness or, when ``strict``, key paths), or ``like``
-        is None and the checkpoint holds containers other than plain ones.
+        is missing.
 
     Example:
 
@@ -419,6 +346,11 @@ def restore(
         (Array([0., 1., 2.], dtype=float32), True)
     """
     directory = _directory(path)
+    if like is None:
+        raise ValueError(
+            "restore needs `like`: a pytree with the saved state's structure, shapes and "
+            "dtypes (for example jax.eval_shape of the function that made it)"
+        )
     if not _exists(path):
         raise FileNotFoundError(f"no checkpoint directory at {directory!r}")
     with _quiet_orbax():
@@ -436,17 +368,9 @@ def restore(
             step = int(step)
             meta = manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
             meta = meta[_META]
-            if like is None:
-                if meta.get("structure") is None:
-                    raise ValueError(
-                        f"checkpoint {directory!r} step {step} holds containers other than "
-                        "dicts, lists and tuples: pass `like` to restore it"
-                    )
-                targets, restore_args = _plain_targets(meta["leaves"])
-            else:
-                like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-                _check(meta, like_flat, strict, path, step)
-                targets, restore_args = _targets(meta["leaves"], like_flat)
+            like_flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+            _check(meta, like_flat, strict, path, step)
+            targets, restore_args = _targets(meta["leaves"], like_flat)
             data: dict[str, Any] = {}
             if targets:
                 restored = manager.restore(
@@ -458,9 +382,6 @@ def restore(
                 data = dict(restored[_LEAVES])
         finally:
             manager.close()
-    if like is None:
-        leaves = [_rebuild_plain(e, data.get(str(i))) for i, e in enumerate(meta["leaves"])]
-        return _build_plain(meta["structure"], leaves)
     leaves = [
         _rebuild(entry, like_leaf, data.get(str(i)))
         for i, (entry, (_, like_leaf)) in enumerate(zip(meta["leaves"], like_flat, strict=True))
@@ -541,28 +462,6 @@ def _targets(entries: list[dict], like_flat: list) -> tuple[dict, dict]:
 def _is_empty(entry: dict) -> bool:
     """Whether a leaf had no values (format 1 recorded data_shape for those only)."""
     return entry.get("empty", "data_shape" in entry)
-
-
-def _plain_targets(entries: list[dict]) -> tuple[dict, dict]:
-    """Restore targets for a target-free restore: every stored leaf as a numpy array."""
-    targets, args = {}, {}
-    for i, entry in enumerate(entries):
-        if not _is_empty(entry):
-            targets[str(i)] = np.zeros((), jnp.dtype(entry["data_dtype"]))
-            args[str(i)] = ocp.RestoreArgs(restore_type=np.ndarray)
-    return targets, args
-
-
-def _rebuild_plain(entry: dict, value: Any) -> Any:
-    """A leaf of a target-free restore (``value`` is None for a zero-size leaf)."""
-    if value is None:
-        value = np.zeros(entry["data_shape"], jnp.dtype(entry["data_dtype"]))
-    value = np.asarray(value)
-    if entry["kind"] == _KEY:
-        return jax.random.wrap_key_data(value, impl=entry["impl"])
-    if entry["kind"] == _PYTHON:
-        return value.item()
-    return value.astype(jnp.dtype(entry["dtype"]), copy=False)
 
 
 def _rebuild(entry: dict, like: Any, value: Any) -> Any:

@@ -1,16 +1,16 @@
-"""Runs a benchmark study on a tiny config twice (a ``("data",)`` mesh over every
+"""Runs a benchmark study on its tiny config twice (a ``("data",)`` mesh over every
 device, then no mesh) and writes both results as JSON.
 
 Started through ``conformance.run_on_eight_devices`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu``::
 
-    python tests/benchmarks/_study_on_devices.py OUT.json STUDY MODULE:FUNCTION [fsdp]
+    python tests/benchmarks/_study_on_devices.py OUT.json STUDY [KEY=VALUE ...]
 
-``MODULE:FUNCTION`` (a module under tests/benchmarks/) returns the study's tiny
-config. The JSON holds ``{"devices": n, "sharded": result, "single": result,
-"batch_shardings": k}``, where ``k`` counts the calls of ``parallel.shard_batch`` and
-``parallel.batch_constraint`` with a mesh (0 would mean the study never split a
-batch), or ``{"error": traceback}`` if the run raised.
+``KEY=VALUE`` overrides a field of the tiny config as the command line's
+``--config.KEY=VALUE`` does. The JSON holds ``{"devices": n, "sharded": result,
+"single": result, "batch_shardings": k}``, where ``k`` counts the calls of
+``parallel.shard_batch`` and ``parallel.batch_constraint`` with a mesh (0 would mean
+the study never split a batch), or ``{"error": traceback}`` if the run raised.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import sys
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # the repository root, this folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 import jax  # noqa: E402
 
-from benchmarks import parallel, reporting  # noqa: E402
+from benchmarks import run as runner  # noqa: E402
+from benchmarks import studies  # noqa: E402
+from benchmarks.harness import parallel, reporting  # noqa: E402
 
 
 def count_batch_shardings() -> list:
@@ -46,14 +47,14 @@ def count_batch_shardings() -> list:
     return calls
 
 
-def main(out: str, study: str, config_fn: str, *flags: str) -> None:
+def main(out: str, study: str, *overrides: str) -> None:
     calls = count_batch_shardings()
     try:
-        module, function = config_fn.split(":")
-        config = getattr(importlib.import_module(module), function)()
-        run = importlib.import_module(f"benchmarks.{study}").run
-        fsdp = "fsdp" in flags
-        sharded = run(config, mesh=parallel.data_mesh(), fsdp=fsdp)
+        config = importlib.import_module(f"configs.{study}").get_config("tiny")
+        for item in overrides:
+            runner.apply_override(config, *item.split("=", 1), study)
+        run = studies.load(study).run
+        sharded = run(config, mesh=parallel.data_mesh())
         single = run(config, mesh=None)
         payload = {
             "devices": jax.device_count(),

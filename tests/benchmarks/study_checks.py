@@ -1,76 +1,96 @@
-"""Helpers for the study tests: tiny configs and comparisons of two results."""
+"""Helpers for the study tests: tiny configs, a run whose checkpoints are kept, and a
+study on 8 simulated devices against one."""
 
 from __future__ import annotations
 
-import math
+import importlib
+import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from benchmarks import studies
+from benchmarks.harness import Context, compare, resume
 
-from configs import spike_injection as spike_config
-
-# Result keys that are measurements of the machine, not of the method.
-MACHINE_KEYS = frozenset({"environment", "mesh", "ratio_size_0", "ratio_size_small"})
-TIMING_WORDS = ("time_ratio", "step_time", "update_time", "compile_time", "_times")
+HERE = Path(__file__).resolve().parent
 
 
-def tiny_spike_config():
-    """A ``spike_injection`` config that trains in seconds (batch divisible by 8)."""
-    config = spike_config.get_config("quick")
-    config.methods = ("clean", "none", "clip_by_global_norm", "gnmr_clip")
-    config.num_seeds, config.num_steps, config.spike_start = 2, 60, 10
-    config.hidden = (16,)
+def tiny(study: str, **overrides: Any):
+    """``configs/<study>.py``'s tiny size, with ``overrides`` set."""
+    config = importlib.import_module(f"configs.{study}").get_config("tiny")
+    for key, value in overrides.items():
+        config[key] = value
     return config
 
 
-def is_machine_key(key: str, ignore: frozenset = MACHINE_KEYS) -> bool:
-    """Keys holding timings or machine facts: listed, ``*_s`` (seconds), step/update/
-    compile times and time ratios (``recovery_time``, a step count, is a metric)."""
-    return key in ignore or key.endswith("_s") or any(word in key for word in TIMING_WORDS)
+def assert_same(got: Any, want: Any, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """Same structure and equal leaves (floats within ``atol + rtol * |want|``)."""
+    found = compare.differences(got, want, rtol, atol)
+    assert not found, "\n".join(found[:20])
 
 
-def metrics(result: Any, ignore: frozenset = MACHINE_KEYS) -> Any:
-    """``result`` without its machine measurements (timings, environment, mesh)."""
-    if isinstance(result, dict):
-        return {k: metrics(v, ignore) for k, v in result.items() if not is_machine_key(k, ignore)}
-    if isinstance(result, list | tuple):
-        return [metrics(v, ignore) for v in result]
-    return result
+def run_kept(study: str, config, directory: Path, mesh=None) -> tuple[dict, resume.Checkpointer]:
+    """Runs ``study`` as the CLI does, with a checkpointer whose directory is kept."""
+    checkpointer = resume.Checkpointer(directory, study, config, remove_when_done=False)
+    return run_with(study, config, checkpointer, mesh), checkpointer
 
 
-def assert_close(got: Any, want: Any, rtol: float = 0.0, atol: float = 0.0, path: str = ""):
-    """Same structure and equal leaves (numbers within ``rtol``/``atol``; NaN == NaN)."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), (path, got.keys() ^ want.keys())
-        for key in want:
-            assert_close(got[key], want[key], rtol, atol, f"{path}/{key}")
-    elif isinstance(want, list | tuple):
-        assert isinstance(got, list | tuple) and len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_close(g, w, rtol, atol, f"{path}[{i}]")
-    elif isinstance(want, float) and isinstance(got, int | float) and not isinstance(got, bool):
-        if math.isnan(want):
-            assert math.isnan(got), (path, got, want)
-        else:
-            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=path)
+def run_with(study: str, config, checkpointer: resume.NoCheckpoint, mesh=None) -> dict:
+    """``prepare`` then ``execute``, the two steps of the runner, with ``checkpointer``."""
+    found = studies.load(study)
+    plan = found.check(config, mesh)
+    return found.execute(plan, Context(study, config, mesh, False, checkpointer))
+
+
+def stages_by_age(directory: Path) -> list[Path]:
+    """The finished stages of a checkpoint directory, oldest first."""
+    return sorted(directory.glob("stage-*"), key=lambda path: path.stat().st_mtime_ns)
+
+
+def resumes_to_the_same_metrics(study: str, config, directory: Path, first: dict, lose):
+    """Deletes stages as a kill would have lost them (``lose``: the newest ``lose``
+    stages, or a list of stage names), runs again from the directory, and checks that
+    the kept stages were restored, the lost ones computed again, and the metrics are
+    bit-identical. Returns the resumed result."""
+    stages = stages_by_age(directory)
+    if isinstance(lose, int):
+        assert len(stages) > lose, stages
+        lost = stages[-lose:]
     else:
-        assert got == want, (path, got, want)
+        lost = [directory / f"stage-{name}" for name in lose]
+    for path in lost:
+        shutil.rmtree(path)
+    again = resume.Checkpointer(directory, study, config, remove_when_done=False)
+    assert again.resuming
+    resumed = run_with(study, config, again)
+    kept = {path.name.removeprefix("stage-") for path in stages if path not in lost}
+    assert set(again.restored) == kept
+    assert {path.name for path in stages_by_age(directory)} == {path.name for path in stages}
+    assert_same(compare.metrics(resumed), compare.metrics(first))
+    other = config.copy_and_resolve_references()
+    other.size = "other"
+    try:
+        resume.Checkpointer(directory, study, other)
+    except resume.ConfigMismatch:
+        pass
+    else:
+        raise AssertionError("a directory of another config was not refused")
+    return resumed
 
 
-def eight_device_results(study: str, config_fn: str, out: Path, timeout: int = 600):
-    """Runs ``study`` on 8 simulated devices and on one (``_study_on_devices.py``) and
-    returns the two results' :func:`metrics`, after checking that the sharded run had
+def eight_device_results(study: str, out: Path, *overrides: str, timeout: int = 600):
+    """Runs ``study``'s tiny config (with ``KEY=VALUE`` overrides) on 8 simulated
+    devices and on one (``_study_on_devices.py``), and returns the two results'
+    :func:`benchmarks.harness.compare.metrics`, after checking that the sharded run had
     8 devices on its mesh and really split its batches."""
     import conformance  # only in the test process (the worker imports this module too)
     import pytest
 
-    worker = Path(__file__).resolve().parent / "_study_on_devices.py"
-    payload = conformance.run_on_eight_devices(worker, out, timeout, args=(study, config_fn))
+    worker = HERE / "_study_on_devices.py"
+    payload = conformance.run_on_eight_devices(worker, out, timeout, args=(study, *overrides))
     if "error" in payload:
         pytest.fail(f"8-device worker raised:\n{payload['error']}", pytrace=False)
     assert payload["devices"] == 8
     assert payload["sharded"]["mesh"] == {"devices": 8, "axes": {"data": 8}}
     assert payload["single"]["mesh"] == {"devices": 1, "axes": {}}
     assert payload["batch_shardings"] > 0, "the study never split a batch over the mesh"
-    return metrics(payload["sharded"]), metrics(payload["single"])
+    return compare.metrics(payload["sharded"]), compare.metrics(payload["single"])

@@ -1,0 +1,171 @@
+"""Analysis and report of ``bilevel_cleaning``: medians over seeds, cost ratios against
+MA-SOBA, the goal checks, the table and the figure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from benchmarks.harness import reporting
+from benchmarks.problems import methods
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def summarize(per_seed: dict[str, list[dict]], cost: dict[str, dict]) -> dict:
+    """name -> medians over seeds of the per-seed records, and the cost columns."""
+    rows = {}
+    for name in cost:
+        records = per_seed.get(name)
+        entry: dict[str, Any] = {}
+        if records:
+            accs = [r["test_acc"] for r in records]
+            for key in ("test_acc", "detect_f1", "test_loss", "val_acc", "val_loss"):
+                entry[key] = _median([r[key] for r in records])
+            for key in ("clean_weight", "corrupted_weight"):
+                entry[key] = _median([r[key] for r in records])
+            entry["test_acc_min"], entry["test_acc_max"] = min(accs), max(accs)
+            entry["diverged"] = sum(not r["finite"] for r in records)
+            entry["trained"] = True
+        else:
+            entry.update(test_acc=None, detect_f1=None, trained=False)
+        entry.update(cost[name])
+        rows[name] = entry
+    reference = rows.get("ma_soba")
+    if reference is not None:
+        for entry in rows.values():
+            entry["peak_bytes_ratio"] = entry["peak_bytes"] / reference["peak_bytes"]
+            entry["step_time_ratio"] = entry["step_time_s"] / reference["step_time_s"]
+    return rows
+
+
+def goal_checks(rows: dict, config: ml_collections.ConfigDict) -> tuple[dict, float | None]:
+    """The issue's goals for every trained BROS rank, and the memory reduction.
+
+    A rank qualifies when its median test accuracy is at most ``goal_accuracy_gap``
+    below MA-SOBA's (being better also qualifies). The reduction is the largest
+    ``1 - bytes(BROS) / bytes(MA-SOBA)`` among qualifying ranks (``None`` if none).
+    """
+    goal: dict[str, Any] = {}
+    reference = rows.get("ma_soba")
+    if reference is None or reference["test_acc"] is None:
+        return goal, None
+    best = None
+    for name, m in rows.items():
+        if methods.bros_rank(name) is None or name.endswith("_naive") or not m["trained"]:
+            continue
+        gap = reference["test_acc"] - m["test_acc"]
+        within = bool(gap <= config.goal_accuracy_gap + 1e-9)
+        goal[f"{name}_accuracy_gap"] = gap
+        goal[f"{name}_within_1pt_of_ma_soba"] = within
+        goal[f"{name}_time_ratio_ok"] = bool(m["step_time_ratio"] <= config.goal_time_ratio)
+        if within:
+            saved = 1.0 - m["peak_bytes_ratio"]
+            best = saved if best is None else max(best, saved)
+    return goal, best
+
+
+def table(result: dict) -> str:
+    """One row per method, then the memory reduction and the goal checks."""
+    s = result["summary"]
+    config = result["config"]
+    headers = [
+        "method",
+        "test_acc",
+        "acc_min",
+        "acc_max",
+        "detect_f1",
+        "diverged",
+        "w_clean",
+        "w_corrupt",
+        *reporting.COST_HEADERS,
+    ]
+    rows = [
+        [
+            name,
+            m["test_acc"],
+            m.get("test_acc_min"),
+            m.get("test_acc_max"),
+            m["detect_f1"],
+            f"{m['diverged']}/{config['num_seeds']}" if m["trained"] else None,
+            m.get("clean_weight"),
+            m.get("corrupted_weight"),
+            *reporting.cost_cells(
+                m["peak_bytes"],
+                m.get("peak_bytes_ratio"),
+                m["step_time_s"],
+                m.get("step_time_ratio"),
+                m["compile_s"],
+            ),
+        ]  # fmt: skip
+        for name, m in ((n, s["methods"][n]) for n in reporting.ordered(s["methods"]))
+    ]
+    hidden = "x".join(str(h) for h in config["hidden"])
+    reduction = s["memory_reduction_vs_ma_soba"]
+    return reporting.report(
+        f"MLP 64-{hidden}-10 ({s['num_params'] / 1e6:.2f}M params), {s['num_train']} train "
+        f"samples, {100 * s['corrupted_fraction']:.0f}% corrupted; {config['num_steps']} steps, "
+        f"batch {config['inner_batch']}/{config['outer_batch']}; median over "
+        f"{config['num_seeds']} seeds; ratios vs ma_soba; on "
+        f"{result['environment']['device_kind']}",
+        headers,
+        rows,
+        "memory reduction vs ma_soba (best BROS rank within 1 pt): "
+        + ("none qualifies" if reduction is None else f"{100 * reduction:.1f}%")
+        + (" (more bytes than ma_soba)" if reduction is not None and reduction < 0 else ""),
+        goal=s["goal"],
+        goal_title=f"goals (BROS test acc within {100 * config['goal_accuracy_gap']:.0f} pt of "
+        f"ma_soba, step time <= {config['goal_time_ratio']}x):",
+    )
+
+
+def plot(result: dict, path) -> Any:
+    """Test accuracy over seeds, compiled bytes, and validation-loss / F1 curves."""
+    s, raw, config = result["summary"], result["raw"], result["config"]
+    names = reporting.ordered(s["methods"])
+    trained = [m for m in names if m in raw["seeds"]]
+    fig, axes = reporting.figure(1, 4, (18, 4.2))
+
+    ax = axes[0]
+    accs = {m: [r["test_acc"] for r in raw["seeds"][m]] for m in trained}
+    title = f"test accuracy, trained methods, {config['num_seeds']} seeds"
+    reporting.seed_boxes(ax, trained, accs, "test accuracy of the final y (fraction)", title)
+    if "ma_soba" in s["methods"]:
+        reference = s["methods"]["ma_soba"]["test_acc"]
+        ax.axhline(reference, color=reporting.color("ma_soba"), lw=0.8, ls=":",
+                   label="ma_soba median")  # fmt: skip
+        ax.axhline(reference - config["goal_accuracy_gap"], color="tab:red", lw=0.8,
+                   ls="--", label="-1 pt")  # fmt: skip
+        ax.legend(fontsize=7)
+
+    mib = {m: s["methods"][m]["peak_bytes"] / 2**20 for m in names}
+    reporting.method_bars(axes[1], names, {"compiled bytes": mib},
+                          "MiB (argument + output + temp - alias)",
+                          "compiled bytes of one donated update step, every method")  # fmt: skip
+    axes[1].set_ylim(0, None)
+
+    for ax, key, title, ylabel in (
+        (axes[2], "val_loss", "validation loss (median over seeds)", "cross-entropy (nats)"),
+        (axes[3], "detect_f1", "detection F1 of x (median over seeds)", "F1 (fraction)"),
+    ):
+        shown = [m for m in trained if key in raw["curves"][m][0]]  # F1: solvers only
+        for m in shown:
+            runs = raw["curves"][m]
+            values = np.median(np.asarray([r[key] for r in runs], dtype=float), axis=0)
+            ax.plot(runs[0]["step"], values, label=m, lw=1.2, color=reporting.color(m))
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        subset = "" if len(shown) == len(trained) else f", {len(shown)} of {len(trained)} methods"
+        ax.set_title(title + subset)
+        ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.suptitle(
+        f"hyper-data cleaning on digits ({100 * s['corrupted_fraction']:.0f}% corrupted labels), "
+        f"MLP hidden {tuple(config['hidden'])}, {config['num_steps']} steps"
+    )
+    return reporting.save_figure(fig, path)

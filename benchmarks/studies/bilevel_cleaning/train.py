@@ -1,0 +1,172 @@
+"""Training of ``bilevel_cleaning``: per-seed data and batches, each method's donated
+update step and initial carry, and the training loop with its validation curves."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from benchmarks.harness import measure, parallel
+from benchmarks.problems import cleaning, methods, models
+from optstab import bilevel
+
+BASELINES = ("no_cleaning", "oracle")
+
+
+def solver(name: str, config: ml_collections.ConfigDict, problem, seed: int):
+    """``chain(bilevel solver, sgd(outer_lr))`` of method ``name``; each BROS rank may
+    have step sizes of its own (``config.method_steps``)."""
+    steps = config.method_steps.get(name, {})
+    transform = methods.bilevel_solver(
+        name,
+        problem,
+        steps.get("inner_lr", config.inner_lr),
+        steps.get("aux_lr", config.aux_lr),
+        config.average,
+        key=config.seed + seed,
+        radius=config.radius,
+    )
+    return optax.chain(transform, optax.sgd(config.outer_lr))
+
+
+def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:
+    """What every method shares within seed ``seed``: data, initial MLP, batch order."""
+    data = cleaning.cleaning_data(config.seed + seed, config.corruption)
+    sizes = (data.x_train.shape[1], *config.hidden, 10)
+    params = models.mlp_init(jax.random.fold_in(jax.random.key(config.seed), seed), sizes)
+    rng = np.random.default_rng([config.seed, seed])
+    n_train, n_val = data.x_train.shape[0], data.x_val.shape[0]
+    steps = config.num_steps
+    clean = np.flatnonzero(~data.corrupted)
+    return {
+        "seed": seed,
+        "data": data,
+        "params": params,
+        # minibatch indices of every step, drawn with replacement
+        "inner": rng.integers(0, n_train, (steps, config.inner_batch)).astype(np.int32),
+        "clean_inner": clean[rng.integers(0, clean.size, (steps, config.inner_batch))].astype(
+            np.int32
+        ),
+        "outer": rng.integers(0, n_val, (steps, config.outer_batch)).astype(np.int32),
+    }
+
+
+def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple[tuple, tuple]:
+    """``(inner_batch, outer_batch)`` of step ``t`` for method ``name``, sharded over
+    the ``data`` axis of ``mesh`` (if any)."""
+    data = setup["data"]
+    idx = setup["clean_inner" if name == "oracle" else "inner"][t]
+    out = setup["outer"][t]
+    inner = (idx, data.x_train[idx], data.y_train[idx])
+    return parallel.shard_batch((inner, (data.x_val[out], data.y_val[out])), mesh)
+
+
+def plain_step(problem: bilevel.BilevelProblem, inner_lr: float):
+    """``(x, y, inner_batch, outer_batch) -> (x, y)``: one SGD step on ``y``, ``x`` frozen.
+
+    Same calling convention as :func:`benchmarks.problems.cleaning.bilevel_step`, so
+    the baselines run through the same loop (the outer batch is not used).
+    """
+
+    def step(x, y, inner_batch, outer_batch):
+        del outer_batch
+        grads = jax.grad(problem.inner_loss, argnums=1)(x, y, inner_batch)
+        return x, jax.tree.map(lambda p, g: p - inner_lr * g, y, grads)
+
+    return step
+
+
+def make_method(name: str, config: ml_collections.ConfigDict, setup: dict, mesh=None, fsdp=False):
+    """``(step, initial carry)`` of method ``name`` on the seed of ``setup``; the carry
+    is placed on ``mesh`` (if any) by :func:`benchmarks.harness.parallel.place_params`."""
+    problem = cleaning.cleaning_problem(setup["params"], config.l2)
+    x0 = jnp.full((setup["data"].x_train.shape[0],), config.init_logit, jnp.float32)
+    if name in BASELINES:
+        carry = parallel.place_params((x0, setup["params"]), mesh, fsdp)
+        return plain_step(problem, config.inner_lr), carry
+    tx = solver(name, config, problem, setup["seed"])
+    return cleaning.bilevel_step(tx), parallel.place_params((x0, tx.init(x0)), mesh, fsdp)
+
+
+def lower_variable(name: str, carry: tuple) -> Any:
+    """The MLP parameters ``y`` held in a method's carry."""
+    return carry[1] if name in BASELINES else bilevel.inner_params(carry[1])
+
+
+@jax.jit
+def _evaluate(params, inputs, labels):
+    loss = jnp.mean(cleaning.per_sample_loss(params, inputs, labels))
+    return loss, models.accuracy(params, inputs, labels)
+
+
+def train(
+    name: str, compiled: measure.CompiledStep, config, setup: dict, mesh=None, fsdp=False
+) -> dict:
+    """Runs ``num_steps`` updates of ``name`` on one seed; final metrics and curves.
+
+    Returns plain dicts, lists and Python scalars (a checkpointable stage).
+    """
+    data = setup["data"]
+    _, carry = make_method(name, config, setup, mesh, fsdp)
+    carry = measure.fresh_copy(carry)
+    curves: dict[str, list] = {"step": [], "val_loss": [], "val_acc": [], "detect_f1": []}
+
+    def record(t, carry):
+        loss, acc = _evaluate(lower_variable(name, carry), data.x_val, data.y_val)
+        curves["step"].append(t)
+        curves["val_loss"].append(float(loss))
+        curves["val_acc"].append(float(acc))
+        if name not in BASELINES:
+            curves["detect_f1"].append(cleaning.detection_f1(np.asarray(carry[0]), data.corrupted))
+
+    record(0, carry)
+    start = time.perf_counter()
+    bar = tqdm(range(config.num_steps), desc=f"{name} seed {setup['seed']}", leave=False)
+    for t in bar:
+        carry = compiled.fn(*carry, *batches_at(setup, name, t, mesh))
+        if (t + 1) % config.eval_every == 0 or t + 1 == config.num_steps:
+            record(t + 1, carry)
+    jax.block_until_ready(carry)
+    train_s = time.perf_counter() - start
+
+    y = lower_variable(name, carry)
+    test_loss, test_acc = _evaluate(y, data.x_test, data.y_test)
+    record_ = {
+        "test_acc": float(test_acc),
+        "test_loss": float(test_loss),
+        "val_acc": curves["val_acc"][-1],
+        "val_loss": curves["val_loss"][-1],
+        "finite": bool(
+            all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves((carry[0], y)))
+        ),
+        "train_s": train_s,
+        "detect_f1": None,
+        "clean_weight": None,
+        "corrupted_weight": None,
+    }
+    if name not in BASELINES:
+        logits = np.asarray(carry[0])
+        weights = 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid, overflow-free
+        record_["detect_f1"] = cleaning.detection_f1(logits, data.corrupted)
+        record_["clean_weight"] = float(weights[~data.corrupted].mean())
+        record_["corrupted_weight"] = float(weights[data.corrupted].mean())
+    if not curves["detect_f1"]:
+        del curves["detect_f1"]
+    return {"final": record_, "curves": curves}
+
+
+def compile_method(
+    name: str, config, setup: dict, mesh=None, fsdp=False
+) -> tuple[measure.CompiledStep, tuple, tuple]:
+    """The compiled donated step of ``name``, its initial carry and a fixed batch
+    (placed on ``mesh``, if any, as the training places them)."""
+    step, carry = make_method(name, config, setup, mesh, fsdp)
+    batch = batches_at(setup, name, 0, mesh)
+    return measure.compile_step(step, *carry, *batch, mesh=mesh), carry, batch
