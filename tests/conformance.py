@@ -216,7 +216,9 @@ CASES: tuple[Case, ...] = (
     _case("zclip", _chained_baseline("zclip", ZCLIP_KW), (_BASE, "zclip"), **_OK),
     _case("adagc", _chained_baseline("adagc", ADAGC_KW), (_BASE, "adagc"), **_OK),
     _case("skip_step", _skip_step(), (_BASE, "skip_step"), **_OK),
-    _case("perturbed_updates", _perturbed_updates(), ("optstab.perturb", "perturbed_updates"), **_OK),
+    _case(
+        "perturbed_updates", _perturbed_updates(), ("optstab.perturb", "perturbed_updates"), **_OK
+    ),
 )
 CASES_BY_NAME = {case.name: case for case in CASES}
 
