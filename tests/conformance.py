@@ -64,6 +64,9 @@ class Case:
       rosenbrock_steps: steps for the Rosenbrock convergence test.
       requires: ``(module, attribute)`` the case needs; the case is skipped with a
         reason while that does not exist yet.
+      complex_make: for a case that draws random numbers, a deterministic variant
+        (``lr -> transformation``) used by the complex-parameter test: a random
+        perturbation is rotation-equivariant only in distribution, not draw by draw.
       complex_params: ``"supported"`` (a complex run is the real run rotated),
         ``"rejected"`` (a clear ``TypeError``/``ValueError`` naming complex parameters
         at trace time) or ``None`` when either is acceptable (the owning module has not
@@ -78,6 +81,7 @@ class Case:
     rosenbrock_steps: int = 1000
     requires: tuple[str, str] | None = None
     complex_params: str | None = None
+    complex_make: Callable[[float], optax.GradientTransformation] | None = None
 
     def missing(self) -> str | None:
         """Why the case cannot run (its module is not written yet), else None."""
@@ -195,6 +199,12 @@ def _perturbed_updates():
     return make, make_injected
 
 
+def _perturbed_updates_bias(lr):
+    # The deterministic mode (delta = -scale * g) of the same transform, for the complex
+    # test: it touches both parts of every element the way the random modes do.
+    return optax.chain(_optstab().perturb.perturbed_updates(0.1, mode="bias"), optax.adam(lr))
+
+
 def _case(name: str, makers, requires=None, **kw) -> Case:
     make, make_injected = makers
     return Case(name, make, make_injected, requires=requires, **kw)
@@ -217,7 +227,11 @@ CASES: tuple[Case, ...] = (
     _case("adagc", _chained_baseline("adagc", ADAGC_KW), (_BASE, "adagc"), **_OK),
     _case("skip_step", _skip_step(), (_BASE, "skip_step"), **_OK),
     _case(
-        "perturbed_updates", _perturbed_updates(), ("optstab.perturb", "perturbed_updates"), **_OK
+        "perturbed_updates",
+        _perturbed_updates(),
+        ("optstab.perturb", "perturbed_updates"),
+        complex_make=_perturbed_updates_bias,
+        **_OK,
     ),
 )
 CASES_BY_NAME = {case.name: case for case in CASES}

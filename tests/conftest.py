@@ -30,9 +30,12 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
-# Make `import conformance` work whatever pytest's import mode is.
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+# Make `import conformance` (tests/) and `import study_checks` (tests/benchmarks/, used
+# from its subfolders) work whatever pytest's import mode is. One conftest for both:
+# a second file named conftest.py clashes with this one under --doctest-modules.
+for _path in (TESTS_DIR / "benchmarks", TESTS_DIR):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 jax.config.update("jax_enable_x64", False)
 
