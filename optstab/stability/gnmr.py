@@ -38,7 +38,7 @@ every formula and default below is ours):
   A unit is at risk exactly when its score exceeds 1 (or it is not finite).
 * Budget: at most ``max_recover`` units are in recovery at once, units still locked
   included. New candidates are taken in score order (``lax.top_k`` over the fixed
-  score vector); the others are counted as denied.
+  score vector; ties by unit order); the others are counted as denied.
 * Lock: a unit that enters recovery at update ``t`` stays in recovery for at least
   updates ``t .. t + lock_steps`` (a countdown in the state) and is published in the
   recovery mask for the forward passes after them; so ``lock_steps >= 1``, or a unit
@@ -91,10 +91,15 @@ above with one argument):
   (GNMR in the hundreds) never waits behind a unit locked on noise (score near 1).
 * Holding a unit while its risk lasts (``max_lock_steps``, default
   ``4 * lock_steps``; ``max_lock_steps=lock_steps`` gives the fixed lock): after the
-  minimum lock, a unit still at risk at the end of its countdown stays in recovery
+  minimum lock, a unit still *raised* at the end of its countdown stays in recovery
   one more update at a time, up to ``max_lock_steps`` published forward passes
-  after it entered; it is released at the first update where it is no longer at
-  risk. Its statistics stay frozen meanwhile, so "at risk" is measured against its
+  after it entered; it is released at the first update where it is no longer
+  raised. Raised means over the long-run bar: some signal's ``GNMR_u > threshold``
+  (or under the collapse bar, or not finite). Delta-GNMR is left out: it marks an
+  onset, and its short signal is frozen with the rest of the unit's statistics
+  during the lock, which would make it a second, lower GNMR bar (a layer whose
+  gradient stayed at 2.4x its mean after an unclipped spike was held on it).
+  Statistics stay frozen meanwhile, so "raised" is measured against the unit's
   level before the event. For the precision action this keeps a layer in high
   precision for a burst that outlasts the lock instead of releasing it mid-event.
   The multiple 4 needs no knowledge of any stress: an event four times longer than
@@ -126,13 +131,17 @@ above with one argument):
 
 Cost per update, for ``P`` parameter elements in ``L`` leaves, ``U`` units and ``S``
 signals: ``O(P)`` for the unit norms (one read of the gradient), plus one
-element-wise pass when an action rescales or zeroes units; ``O(U log U)`` for the
-budget (``lax.top_k`` over all ``U`` scores, a sort in XLA, twice when preemption is
-on); ``O(S * U)`` for the statistics; state memory ``O(S * U)`` (``O(S * U * w)``
-with a ``short_window`` of ``w``). The per-unit sums are scattered leaf by leaf, so
-tracing and compiling grow with ``L``. With a few hundred units everything but the
-``O(P)`` read is negligible; the sort shows once ``U`` reaches about ``1e5`` (per-row
-units of large matrices).
+element-wise pass when an action rescales or zeroes units; ``O(U log K)`` for the
+budget, ``K = max_recover`` when it is a Python number (``lax.top_k`` looks for the
+``K`` strongest candidates, and the ``K`` weakest locked units for preemption), but
+a full sort, ``O(U log U)``, when ``max_recover`` is traced (under
+``optax.inject_hyperparams`` unless it is in ``static_args``); ``O(S * U)`` for the
+statistics; state memory ``O(S * U)`` (``O(S * U * w)`` with a ``short_window`` of
+``w``). The per-unit sums are scattered leaf by leaf, so tracing and compiling grow
+with ``L``. Measured on 2 CPU cores, one AdamW step with one unit per row of a
+matrix: 1e4 rows of 1024 elements cost 1.2x AdamW's time, 1e5 rows of 128
+elements 1.6x (3.3x with a traced budget); with one unit per leaf, the controller
+adds a fixed few tens of microseconds to the ``O(P)`` read.
 
 Known limitation of this reconstruction: a *persistent* jump of a unit's gradient
 norm costs about ``max(max_lock_steps + 1, 11)`` updates of recovery before it is
@@ -359,6 +368,13 @@ class _Options:
                 f"'external') or an action without 'clip'; got signal={self.signal!r}"
             )
 
+    def budget_limit(self, num_units: int) -> int:
+        """The most units that can enter recovery at one update, as a static int: the
+        budget when it is a Python number, else (traced) every unit."""
+        if is_concrete_number(self.max_recover):
+            return min(int(self.max_recover), num_units)
+        return num_units
+
     def arrays(self) -> _Hyper:
         """The numeric options as arrays, for one update."""
         f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -530,6 +546,8 @@ class _Risk(NamedTuple):
     over: jax.Array  # (S, U) bool: the signal is over one of its bars (after warm-up)
     score: jax.Array  # (U,) float32: ranking score, > 1 over a bar, inf when not finite
     at_risk: jax.Array  # (U,) bool
+    raised: jax.Array  # (U,) bool: not finite, or a signal over its long-run bar (what
+    #   holds a lock: Delta-GNMR marks an onset, and its short signal is frozen then)
 
 
 def _short_mean(control: GNMRControl) -> jax.Array:
@@ -548,34 +566,37 @@ def _ratio(value: jax.Array, reference: jax.Array, has_history: jax.Array, valid
 
 def _signal_scores(
     values: jax.Array, valid: jax.Array, control: GNMRControl, hyper: _Hyper
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GNMR, Delta-GNMR and the ranking score of every signal, all (S, U)."""
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """GNMR, Delta-GNMR, the level score (against the long-run mean only) and the
+    ranking score of every signal, all (S, U)."""
     has_mean = control.mean_count > 0
     gnmr = _ratio(values, control.mean, has_mean, valid, hyper.eps)
     delta = _ratio(values, _short_mean(control), control.short_count > 0, valid, hyper.eps)
-    score = gnmr / hyper.threshold
+    level = gnmr / hyper.threshold
+    if hyper.collapse_threshold is not None:
+        inverse = control.mean / (jnp.where(valid, values, 0.0) + hyper.eps)
+        collapse = jnp.where(has_mean & valid, inverse / hyper.collapse_threshold, 0.0)
+        level = jnp.maximum(level, collapse)
+    score = level
     if hyper.delta_threshold is not None:
         # A rise that still leaves the value below the unit's own mean is not a climb.
         climbing = gnmr > 1.0
         score = jnp.maximum(score, jnp.where(climbing, delta / hyper.delta_threshold, 0.0))
-    if hyper.collapse_threshold is not None:
-        inverse = control.mean / (jnp.where(valid, values, 0.0) + hyper.eps)
-        collapse = jnp.where(has_mean & valid, inverse / hyper.collapse_threshold, 0.0)
-        score = jnp.maximum(score, collapse)
-    return gnmr, delta, score
+    return gnmr, delta, level, score
 
 
 def _assess(
     values: jax.Array, valid: jax.Array, finite: jax.Array, control: GNMRControl, hyper: _Hyper
 ) -> _Risk:
     """The signals' ratios, the units' ranking score and which units are at risk."""
-    gnmr, delta, signal_score = _signal_scores(values, valid, control, hyper)
+    gnmr, delta, level, signal_score = _signal_scores(values, valid, control, hyper)
     past_warmup = control.count >= hyper.warmup_steps
     over = past_warmup & (signal_score > 1.0)
     invalid = ~finite | jnp.any(~valid, axis=0)
     score = jnp.where(invalid, jnp.inf, jnp.max(signal_score, axis=0))
     at_risk = invalid | jnp.any(over, axis=0)
-    return _Risk(gnmr, delta, valid, over, score, at_risk)
+    raised = invalid | jnp.any(past_warmup & (level > 1.0), axis=0)
+    return _Risk(gnmr, delta, valid, over, score, at_risk, raised)
 
 
 # ----------------------------------------------------------------------------- decide
@@ -596,11 +617,14 @@ class _Decision(NamedTuple):
     rebaseline: jax.Array  # (S, U) bool: released at a new level; that signal restarts
 
 
-def _rank(values: jax.Array) -> jax.Array:
-    """Each entry's position in descending order (ties by index), with fixed shapes."""
-    num = values.shape[0]
-    _, order = jax.lax.top_k(values, num)
-    return jnp.zeros((num,), jnp.int32).at[order].set(jnp.arange(num, dtype=jnp.int32))
+def _top(values: jax.Array, limit: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``limit`` largest ``values`` (descending, ties by index), their indices, and
+    every entry's rank among them (``limit`` for the rest), with fixed shapes."""
+    top, order = jax.lax.top_k(values, limit)
+    rank = (
+        jnp.full(values.shape, limit, jnp.int32).at[order].set(jnp.arange(limit, dtype=jnp.int32))
+    )
+    return top, order, rank
 
 
 def _admit(
@@ -610,6 +634,7 @@ def _admit(
     peak: jax.Array,
     free_slots: jax.Array,
     preempt_factor: jax.Array | None,
+    limit: int,
 ) -> tuple[jax.Array, jax.Array]:
     """The candidates that enter recovery and the locked units they preempt.
 
@@ -617,20 +642,18 @@ def _admit(
     rest takes the slot of the locked unit with the ``j``-th lowest peak if its score
     exceeds ``preempt_factor`` times that peak; the scores fall and the peaks rise with
     ``j``, so the winners are a prefix and this pairing preempts as many as any.
+    ``limit`` (static) bounds the units that can enter or be preempted at once: the
+    budget when it is a Python number, so that ``top_k`` looks for a few units
+    instead of sorting all of them.
     """
-    candidate_score = jnp.where(candidate, score, -jnp.inf)
-    candidate_rank = _rank(candidate_score)
+    strongest, _, candidate_rank = _top(jnp.where(candidate, score, -jnp.inf), limit)
     if preempt_factor is None:
         return candidate & (candidate_rank < free_slots), jnp.zeros_like(locked)
-    num = score.shape[0]
-    strongest, _ = jax.lax.top_k(candidate_score, num)
-    victim_rank = _rank(jnp.where(locked, -peak, -jnp.inf))  # the weakest locked unit first
-    weakest_peak = jnp.zeros((num,), peak.dtype).at[victim_rank].set(peak)
-    weakest_locked = jnp.zeros((num,), bool).at[victim_rank].set(locked)
+    weakest, victims, victim_rank = _top(jnp.where(locked, -peak, -jnp.inf), limit)
     challengers = jnp.take(
-        strongest, free_slots + jnp.arange(num), mode="fill", fill_value=-jnp.inf
+        strongest, free_slots + jnp.arange(limit), mode="fill", fill_value=-jnp.inf
     )
-    wins = weakest_locked & (challengers > preempt_factor * weakest_peak)
+    wins = locked[victims] & (challengers > preempt_factor * -weakest)
     taken = jnp.sum(jnp.cumprod(wins.astype(jnp.int32)), dtype=jnp.int32)
     entered = candidate & (candidate_rank < free_slots + taken)
     return entered, locked & (victim_rank < taken)
@@ -641,12 +664,12 @@ def _count_down(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The lock countdown, lock age and peak score after this update.
 
-    A held unit whose countdown ends while it is still at risk, younger than
+    A held unit whose countdown ends while it is still raised, younger than
     ``max_lock_steps``, is kept one more update.
     """
     age = control.lock_age + 1
     countdown = control.lock - 1
-    extend = held & (countdown == 0) & risk.at_risk & (age < hyper.max_lock_steps)
+    extend = held & (countdown == 0) & risk.raised & (age < hyper.max_lock_steps)
     lock = jnp.where(held, jnp.where(extend, 1, countdown), 0)
     lock = jnp.where(entered, hyper.lock_steps, lock)
     still = lock > 0
@@ -655,13 +678,15 @@ def _count_down(
     return lock, lock_age, jnp.where(still, peak, 0.0)
 
 
-def _decide(risk: _Risk, finite: jax.Array, control: GNMRControl, hyper: _Hyper) -> _Decision:
+def _decide(
+    risk: _Risk, finite: jax.Array, control: GNMRControl, hyper: _Hyper, limit: int
+) -> _Decision:
     """Applies the budget (with preemption) and the lock, and decides the release."""
     locked = control.lock > 0
     candidate = risk.at_risk & ~locked
     free_slots = jnp.maximum(hyper.max_recover - jnp.sum(locked, dtype=jnp.int32), 0)
     entered, preempted = _admit(
-        candidate, risk.score, locked, control.lock_score, free_slots, hyper.preempt_factor
+        candidate, risk.score, locked, control.lock_score, free_slots, hyper.preempt_factor, limit
     )
     held = locked & ~preempted
     lock, lock_age, lock_score = _count_down(held, entered, risk, control, hyper)
@@ -851,7 +876,9 @@ def _control_step(
     values, valid = _signal_values(options.signal, partition.names, norm, extra_args)
     finite = jnp.isfinite(norm)
     risk = _assess(values, valid, finite, state.control, hyper)
-    decision = _decide(risk, finite, state.control, hyper)
+    decision = _decide(
+        risk, finite, state.control, hyper, options.budget_limit(partition.num_units)
+    )
     clip = _clip_factor(norm, state.control, hyper) if "clip" in options.actions else None
     control = _advance(state.control, values, decision, risk, hyper, options.mean_mode)
     telemetry = _record(state.telemetry, norm, values, risk, decision)
@@ -954,8 +981,9 @@ def gnmr(
     what is reconstructed and what is ours.
 
     Per update this costs ``O(P)`` for ``P`` parameter elements (one read of the
-    gradient for the unit norms) and ``O(U log U)`` for the budget over ``U`` units;
-    the state holds ``O(U)`` numbers per signal.
+    gradient for the unit norms) and ``O(U log max_recover)`` for the budget over
+    ``U`` units (``O(U log U)`` when ``max_recover`` is traced); the state holds
+    ``O(U)`` numbers per signal.
 
     Args:
       threshold: GNMR bar ``tau`` (> 0); also the clip bar ``tau * m_u``.

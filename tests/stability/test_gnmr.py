@@ -320,6 +320,7 @@ def test_nnx_unit_names_follow_the_model_attributes():
     max_recover=st.integers(0, 3),
     lock=st.integers(1, 4),
     factor=st.sampled_from([1.0, 2.0, 10.0]),
+    static_budget=st.booleans(),
     storm=st.lists(
         st.lists(
             st.sampled_from([1.0, 1.0, 1.0, 4.0, 30.0, 1000.0, np.nan]), min_size=6, max_size=6
@@ -329,10 +330,11 @@ def test_nnx_unit_names_follow_the_model_attributes():
     ),
 )
 def test_budget_is_never_exceeded_and_preemption_takes_only_far_stronger_scores(
-    max_recover, lock, factor, storm
+    max_recover, lock, factor, static_budget, storm
 ):
     params = {f"u{i}": jnp.ones(3) for i in range(6)}
-    step = _storm_step()
+    # A Python budget bounds top_k to it; a traced one sorts every unit.
+    step = _storm_step(static_budget)
     state = optstab.gnmr(warmup_steps=2).init(params)
     for _ in range(3):
         state = step(jax.tree.map(jnp.ones_like, params), state, max_recover, lock, factor)
@@ -385,10 +387,10 @@ def _documented_score(state, threshold, delta_threshold):
 _STORM_STEP = {}
 
 
-def _storm_step():
-    """One compiled step shared by all hypothesis examples (traced budget, lock and
-    preemption factor)."""
-    if "fn" not in _STORM_STEP:
+def _storm_step(static_budget):
+    """The compiled step shared by all hypothesis examples (traced lock and preemption
+    factor; the budget static or traced)."""
+    if static_budget not in _STORM_STEP:
 
         def step(grads, state, max_recover, lock, factor):
             tx = optstab.gnmr(
@@ -396,8 +398,9 @@ def _storm_step():
             )
             return tx.update(grads, state)[1]
 
-        _STORM_STEP["fn"] = jax.jit(step)
-    return _STORM_STEP["fn"]
+        static = (2,) if static_budget else ()
+        _STORM_STEP[static_budget] = jax.jit(step, static_argnums=static)
+    return _STORM_STEP[static_budget]
 
 
 def test_gnmr_and_gnmr_wrap_share_their_options():
@@ -491,7 +494,7 @@ def test_lock_zero_is_rejected_and_a_short_spike_never_moves_the_baseline():
         with pytest.raises(ValueError, match="lock_steps"):
             optstab.gnmr_wrap(optax.sgd(1.0), lock_steps=bad)
     # A two-update 1000x spike, then a 100x spike 30 updates later, at every small lock,
-    # held while at risk (the default cap, 4 locks) or fixed.
+    # held while raised (the default cap, 4 locks) or fixed.
     grads = [grads_with()] * 30 + [grads_with(scale_a=1000.0)] * 2 + [grads_with()] * 30
     grads += [grads_with(scale_a=100.0)]
     held = lambda lock: optstab.gnmr(warmup_steps=5, lock_steps=lock)
@@ -508,9 +511,10 @@ def test_lock_zero_is_rejected_and_a_short_spike_never_moves_the_baseline():
         np.testing.assert_array_equal(states.control.mean[29:32, G, 0], 2.0)
         assert float(states.control.mean[-2, G, 0]) == 2.0, config
         assert int(states.telemetry.rebaselines[-1]) == 0, config
-        # Fixed: lock + 1 updates. Held: also every update at risk when the countdown
-        # ends, and the one after it (published for its forward pass), so a 2-update
-        # spike takes max(lock, 2) + 1 updates, and no more: released once it is over.
+        # Fixed: lock + 1 updates. Held: also every update still raised (GNMR over its
+        # bar) when the countdown ends, and the one after it (published for its
+        # forward pass), so a 2-update spike takes max(lock, 2) + 1 updates, and no
+        # more: released once it is over.
         recovered = lock + 1 if "fixed" in config else max(lock, 2) + 1
         assert int(states.telemetry.recovered_steps[-2]) == recovered, config
         # The 100x spike is caught: GNMR = 200 / 2.
@@ -530,7 +534,7 @@ def test_a_lasting_shift_is_learnt_after_eleven_updates_or_the_cap():
     held = [(lock, 4 * lock) for lock in (1, 2, 3, 5, 10)] + [(2, 7), (3, 30)]
     for (lock, cap), states in _traced_lock_run(make, fixed + held, grads).items():
         found = states.gnmr
-        # Hand count: the unit stays at risk, so each lock is held to its cap, cap + 1
+        # Hand count: the unit stays raised, so each lock is held to its cap, cap + 1
         # updates; back-to-back locks (the slot is free again at each release) until a
         # release finds the risk k * (cap + 1) >= level updates old, level =
         # max(lock + 1, 11).
