@@ -543,6 +543,7 @@ class _Risk(NamedTuple):
     gnmr: jax.Array  # (S, U) float32: value / (m_u + eps); 1 without history, inf if invalid
     delta_gnmr: jax.Array  # (S, U) float32: value / (s_u + eps), likewise
     valid: jax.Array  # (S, U) bool: the value is finite and non-negative
+    invalid: jax.Array  # (U,) bool: a non-finite gradient or an invalid signal value
     over: jax.Array  # (S, U) bool: the signal is over one of its bars (after warm-up)
     score: jax.Array  # (U,) float32: ranking score, > 1 over a bar, inf when not finite
     at_risk: jax.Array  # (U,) bool
@@ -596,7 +597,7 @@ def _assess(
     score = jnp.where(invalid, jnp.inf, jnp.max(signal_score, axis=0))
     at_risk = invalid | jnp.any(over, axis=0)
     raised = invalid | jnp.any(past_warmup & (level > 1.0), axis=0)
-    return _Risk(gnmr, delta, valid, over, score, at_risk, raised)
+    return _Risk(gnmr, delta, valid, invalid, over, score, at_risk, raised)
 
 
 # ----------------------------------------------------------------------------- decide
@@ -838,7 +839,6 @@ def _record(
 ) -> GNMRTelemetry:
     """The telemetry after this update."""
     count_of = lambda mask: jnp.sum(mask, dtype=jnp.int32)
-    invalid = ~decision.finite | jnp.any(~risk.valid, axis=0)
     return GNMRTelemetry(
         norm=norm,
         value=values,
@@ -850,7 +850,7 @@ def _record(
         denied=telemetry.denied + count_of(decision.denied),
         preempted=telemetry.preempted + count_of(decision.preempted),
         recovered_steps=telemetry.recovered_steps + count_of(decision.recovering),
-        nonfinite=telemetry.nonfinite + count_of(invalid),
+        nonfinite=telemetry.nonfinite + count_of(risk.invalid),
         rebaselines=telemetry.rebaselines + count_of(jnp.any(decision.rebaseline, axis=0)),
     )
 
