@@ -332,6 +332,51 @@ def test_external_signal_through_nnx_optimizer():
     assert mask_of(optimizer.opt_state) == {"l1": True, "l2": False}
 
 
+def test_quantizer_amax_holds_a_layer_in_high_precision_through_a_burst():
+    # The low-precision wiring: units are the quantized layers (the LayerNorm belongs to
+    # none), the signal is each quantizer's input amax, read after the forward pass.
+    # Outliers that only the quantizer of "down" sees (a burst of 5 steps) must put
+    # "down", and only it, in float32 from the pass after the burst's first update to
+    # the pass after its last (the mask lags the signal by one update), although the
+    # lock is 2.
+    from flax import nnx
+
+    from optstab import lowprec
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(8, rngs=rngs)
+            self.up = lowprec.QuantLinear(8, 16, config=lowprec.quant_config("int8"), rngs=rngs)
+            self.down = lowprec.QuantLinear(16, 4, config=lowprec.quant_config("int8"), rngs=rngs)
+
+        def __call__(self, x, outliers):
+            return self.down(jax.nn.relu(self.up(self.norm(x))), outliers)
+
+    layers = ("up", "down")
+    owner = lambda name: next((lay for lay in layers if name.startswith(lay + "/")), None)
+    units = lambda params: jax.tree.map(owner, ot.default_labels(params))
+    model = Net(nnx.Rngs(0))
+    tx = optstab.gnmr(
+        signal="external", action="precision", units=units, warmup_steps=3, lock_steps=2
+    )
+    optimizer = nnx.Optimizer(model, optax.chain(tx, optax.sgd(1e-3)), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(0), (8, 8))
+
+    @nnx.jit
+    def train_step(model, optimizer, outliers):
+        lowprec.set_high_precision(model, optstab.recovery_mask(optimizer.opt_state))
+        grads = nnx.grad(lambda m: jnp.mean(m(x, outliers) ** 2))(model)
+        optimizer.update(model, grads, unit_signal=lowprec.input_amax(model))
+        return lowprec.high_precision_flags(model)
+
+    quiet, burst = jnp.ones(16), jnp.ones(16).at[:2].set(100.0)
+    seen = [train_step(model, optimizer, burst if 6 <= t < 11 else quiet) for t in range(14)]
+    down = [bool(f["down"]) for f in seen]
+    assert down == [False] * 7 + [True] * 5 + [False] * 2
+    assert not any(bool(f["up"]) for f in seen)
+    assert set(optstab.recovery_mask(optimizer.opt_state)) == {"up", "down"}
+
+
 # ----------------------------------------------------------------------------- collapse
 
 
