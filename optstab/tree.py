@@ -3,7 +3,9 @@
 A *unit* is a named group of parameter elements: a whole leaf, several leaves, or
 one slice along axis 0 of a stacked (scanned) leaf. A :class:`UnitPartition` maps
 the leaves of a pytree onto a fixed, sorted list of unit names so that per-unit
-statistics are plain ``(num_units,)`` float32 vectors with static shapes:
+statistics are plain ``(num_units,)`` float32 vectors with static shapes. A leaf
+labelled ``None`` belongs to no unit: it is not measured, and the per-unit
+operations below pass it through.
 
 * :func:`unit_sum_squares` reduces a pytree to per-unit sums of squares,
 * :func:`unit_norms` takes their square root,
@@ -28,8 +30,10 @@ import optax
 PyTree = Any
 # A label is a unit name for a whole leaf, or a sequence of names, one per index
 # along axis 0 of the leaf (a stacked layer split into one unit per layer).
-Label = str | Sequence[str]
+Label = str | Sequence[str] | None  # None: the leaf belongs to no unit
 UnitsSpec = None | Callable[[PyTree], PyTree]
+# Where a leaf's elements go: one unit index, one per index along axis 0, or no unit.
+LeafUnit = int | tuple[int, ...] | None
 
 # Trailing attribute names that wrap the array inside flax NNX variables.
 _WRAPPER_ATTRS = ("value", "raw_value")
@@ -82,14 +86,15 @@ class UnitLayout:
       names: sorted unit names; index ``i`` of every per-unit vector is ``names[i]``.
       leaf_paths: the '/'-joined key path of each leaf, in flattening order.
       leaf_shapes: the shape of each leaf, in flattening order.
-      leaf_units: for each leaf, the unit index (an ``int``) or a tuple of unit
-        indices, one per position along the leaf's axis 0.
+      leaf_units: for each leaf, the unit index (an ``int``), a tuple of unit
+        indices, one per position along the leaf's axis 0, or ``None`` for a leaf
+        that belongs to no unit.
     """
 
     names: tuple[str, ...]
     leaf_paths: tuple[str, ...]
     leaf_shapes: tuple[tuple[int, ...], ...]
-    leaf_units: tuple[int | tuple[int, ...], ...]
+    leaf_units: tuple[LeafUnit, ...]
 
     def __hash__(self) -> int:
         # Hashed by every jit dispatch of a state that carries it: computed once.
@@ -127,19 +132,21 @@ class UnitLayout:
 class UnitPartition:
     """Static map from the leaves of a pytree to a sorted list of unit names.
 
-    A pytree without leaves has a partition without units.
+    A pytree without leaves, or whose leaves are all labelled ``None``, has a
+    partition without units.
 
     Attributes:
       names: sorted unit names; index ``i`` of every per-unit vector is ``names[i]``.
-      leaf_units: for each leaf (flattening order), the unit index (an ``int``) or a
-        tuple of unit indices, one per position along the leaf's axis 0.
+      leaf_units: for each leaf (flattening order), the unit index (an ``int``), a
+        tuple of unit indices, one per position along the leaf's axis 0, or ``None``
+        for a leaf that belongs to no unit.
       treedef: structure of the pytree the partition was built for.
       leaf_paths: the '/'-joined key path of each leaf (:func:`leaf_names`).
       leaf_shapes: the shape of each leaf.
     """
 
     names: tuple[str, ...]
-    leaf_units: tuple[int | tuple[int, ...], ...]
+    leaf_units: tuple[LeafUnit, ...]
     treedef: Any
     leaf_paths: tuple[str, ...]
     leaf_shapes: tuple[tuple[int, ...], ...]
@@ -168,8 +175,10 @@ def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
         leaves (such as the placeholder of ``optax.tree.map_params``) has no units.
       units: ``None`` for one unit per leaf named by its key path, or a callable
         ``tree -> labels`` (like ``optax.multi_transform`` labels) whose result has
-        the structure of ``tree`` and, per leaf, either a unit name or a sequence of
-        names whose length is the leaf's axis-0 size (stacked layers).
+        the structure of ``tree`` and, per leaf, a unit name, a sequence of names
+        whose length is the leaf's axis-0 size (stacked layers), or ``None``: the
+        leaf belongs to no unit (not measured; the per-unit operations pass it
+        through).
 
     Raises:
       ValueError: when ``units`` is neither, or the labels do not fit the tree.
@@ -187,12 +196,16 @@ def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
         raise ValueError(f"units labels do not match the parameter structure: {err}") from None
     names = set()
     for leaf, label in zip(leaves, leaf_labels, strict=True):
+        if label is None:
+            continue
         if isinstance(label, str):
             names.add(label)
             continue
         label = tuple(label)
         if not label or not all(isinstance(n, str) for n in label):
-            raise ValueError(f"a unit label must be a str or a sequence of str, got {label!r}")
+            raise ValueError(
+                f"a unit label must be a str, a sequence of str, or None (no unit), got {label!r}"
+            )
         if not np.shape(leaf) or np.shape(leaf)[0] != len(label):
             raise ValueError(
                 f"a split label needs one name per index of axis 0: got {len(label)} names "
@@ -201,12 +214,17 @@ def make_partition(tree: PyTree, units: UnitsSpec = None) -> UnitPartition:
         names.update(label)
     sorted_names = tuple(sorted(names))
     position = {name: i for i, name in enumerate(sorted_names)}
-    leaf_units = tuple(
-        position[label] if isinstance(label, str) else tuple(position[n] for n in label)
-        for label in leaf_labels
-    )
+    leaf_units = tuple(_unit_index(label, position) for label in leaf_labels)
     shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
     return UnitPartition(sorted_names, leaf_units, treedef, tuple(leaf_names(tree)), shapes)
+
+
+def _unit_index(label: Label, position: dict[str, int]) -> LeafUnit:
+    if label is None:
+        return None
+    if isinstance(label, str):
+        return position[label]
+    return tuple(position[name] for name in label)
 
 
 def _check_structure(partition: UnitPartition, tree: PyTree) -> list[Any]:
@@ -238,6 +256,8 @@ def unit_sum_squares(partition: UnitPartition, tree: PyTree) -> jax.Array:
     leaves = _check_structure(partition, tree)
     total = jnp.zeros((partition.num_units,), jnp.float32)
     for leaf, unit in zip(leaves, partition.leaf_units, strict=True):
+        if unit is None:
+            continue
         index = unit if isinstance(unit, int) else jnp.asarray(unit, jnp.int32)
         total = total.at[index].add(_leaf_sum_squares(leaf, unit))
     return total
@@ -267,21 +287,22 @@ def _broadcast(values: jax.Array, unit: int | tuple[int, ...], leaf: jax.Array) 
     return per_row.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
 
 
-def leaf_values(partition: UnitPartition, values: jax.Array) -> list[jax.Array]:
+def leaf_values(partition: UnitPartition, values: jax.Array) -> list[jax.Array | None]:
     """The per-unit ``values`` seen by each leaf (flattening order), shaped to broadcast
-    against a leaf of the partition's shape."""
+    against a leaf of the partition's shape; ``None`` for a leaf without unit."""
     return [
-        _broadcast(values, unit, np.empty(shape, np.bool_))
+        None if unit is None else _broadcast(values, unit, np.empty(shape, np.bool_))
         for unit, shape in zip(partition.leaf_units, partition.leaf_shapes, strict=True)
     ]
 
 
 def scale_units(partition: UnitPartition, tree: PyTree, factors: jax.Array) -> PyTree:
     """Multiplies every element of unit ``u`` by the real ``factors[u]``; keeps each leaf's
-    dtype (a complex leaf is scaled in modulus, its phase kept)."""
+    dtype (a complex leaf is scaled in modulus, its phase kept). Leaves without unit
+    are unchanged."""
     leaves = _check_structure(partition, tree)
     scaled = [
-        leaf * _broadcast(factors, unit, leaf).astype(leaf.dtype)
+        leaf if unit is None else leaf * _broadcast(factors, unit, leaf).astype(leaf.dtype)
         for leaf, unit in zip(leaves, partition.leaf_units, strict=True)
     ]
     return jax.tree.unflatten(partition.treedef, scaled)
@@ -292,17 +313,19 @@ def select_units(
 ) -> PyTree:
     """Elementwise ``where(mask[unit], on_true, on_false)`` over two pytrees.
 
-    Unlike multiplying by zero, this drops NaN and inf in the unselected pytree.
+    Unlike multiplying by zero, this drops NaN and inf in the unselected pytree. A leaf
+    without unit is taken from ``on_false``.
     """
     true_leaves = _check_structure(partition, on_true)
     false_leaves = _check_structure(partition, on_false)
     chosen = [
-        jnp.where(_broadcast(mask, unit, t), t, f)
+        f if unit is None else jnp.where(_broadcast(mask, unit, t), t, f)
         for t, f, unit in zip(true_leaves, false_leaves, partition.leaf_units, strict=True)
     ]
     return jax.tree.unflatten(partition.treedef, chosen)
 
 
 def zero_units(partition: UnitPartition, tree: PyTree, mask: jax.Array) -> PyTree:
-    """Sets the elements of every unit with ``mask[u]`` to exactly zero."""
+    """Sets the elements of every unit with ``mask[u]`` to exactly zero (leaves without
+    unit are unchanged)."""
     return select_units(partition, mask, jax.tree.map(jnp.zeros_like, tree), tree)

@@ -4,8 +4,9 @@ These helpers build on :mod:`optstab.tree`, which turns a units spec into the
 :class:`optstab.tree.UnitPartition` that every per-unit method shares.
 
 A units spec is ``None`` (one unit per leaf, named by its '/'-joined key path) or a
-callable ``params -> labels`` returning, for every leaf, a unit name or a sequence
-of names (one per index along axis 0, for stacked layers). The helpers here build
+callable ``params -> labels`` returning, for every leaf, a unit name, a sequence
+of names (one per index along axis 0, for stacked layers), or ``None`` (the leaf
+belongs to no unit: not watched, passed through). The helpers here build
 such callables; any function with the same contract works too, exactly like
 ``optax.multi_transform`` labels.
 
@@ -40,14 +41,16 @@ def _relabel(tree: PyTree, name_of: Callable[[str, Any], Any]) -> PyTree:
     return jax.tree.map(lambda leaf: name_of(next(names), leaf), tree)
 
 
-def by_regex(rules: Mapping[str, str], default: str | None = None) -> Labeler:
+def by_regex(rules: Mapping[str, str | None], default: str | None = None) -> Labeler:
     r"""Units from regular expressions over leaf key paths.
 
     Args:
       rules: ordered mapping ``pattern -> unit name``. A leaf belongs to the first
         pattern that ``re.search``-es its key path; the name may use the match's
         groups (``r"\1"``), so ``{r"^(layer\d+)/": r"\1"}`` groups each layer's
-        leaves into one unit.
+        leaves into one unit. A rule whose name is ``None`` leaves its leaves out of
+        every unit (not watched), so ``{..., r".": None}`` watches only the leaves
+        the rules before it name.
       default: unit name for leaves that match no pattern; ``None`` keeps their own
         key path as the unit name.
 
@@ -65,14 +68,16 @@ def by_regex(rules: Mapping[str, str], default: str | None = None) -> Labeler:
       ({'b': 'layer1', 'w': 'layer1'}, 'head')
       >>> units.by_regex({r"^layer": "body"}, default="rest")(params)["head"]
       'rest'
+      >>> units.by_regex({r"^(layer\d+)/w": r"\1", r".": None})(params)["layer0"]
+      {'b': None, 'w': 'layer0'}
     """
     compiled = [(re.compile(pattern), name) for pattern, name in rules.items()]
 
-    def name_of(path: str, _leaf: Any) -> str:
+    def name_of(path: str, _leaf: Any) -> str | None:
         for pattern, name in compiled:
             match = pattern.search(path)
             if match:
-                return match.expand(name)
+                return None if name is None else match.expand(name)
         return path if default is None else default
 
     return lambda params: _relabel(params, name_of)
@@ -107,7 +112,8 @@ def stacked(pattern: str, base: Labeler | None = None) -> Labeler:
         have at least one dimension are split.
       base: the units spec to refine (``None``: one unit per leaf). A split leaf whose
         base unit is ``u`` yields units ``u/0``, ``u/1``, ... so leaves that share a
-        base unit (a layer's kernel and bias) also share each per-layer unit.
+        base unit (a layer's kernel and bias) also share each per-layer unit; a leaf
+        that the base leaves out of every unit (label ``None``) stays out.
 
     Returns:
       A callable ``params -> labels`` for the ``units=`` argument.
@@ -129,7 +135,7 @@ def stacked(pattern: str, base: Labeler | None = None) -> Labeler:
         paths = leaf_names(params)
         split = []
         for path, leaf, label in zip(paths, leaves, flat, strict=True):
-            if compiled.search(path) and np.ndim(leaf) >= 1:
+            if compiled.search(path) and np.ndim(leaf) >= 1 and label is not None:
                 if not isinstance(label, str):
                     raise ValueError(f"leaf {path!r} is split twice")
                 label = tuple(f"{label}/{i}" for i in range(np.shape(leaf)[0]))

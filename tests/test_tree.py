@@ -77,3 +77,26 @@ def test_complex_leaves_count_by_modulus():
     scaled = ot.scale_units(partition, tree, jnp.array([1.0, 0.5, 2.0]))
     assert scaled["z"].dtype == jnp.complex64
     np.testing.assert_array_equal(scaled["z"], [[1.5 + 2j, 0], [2 - 4j, 4j]])
+
+
+def test_leaves_labelled_none_belong_to_no_unit():
+    labels = {"c": {"w": "c", "b": None}, "s": None}
+    partition = ot.make_partition(PARAMS, lambda _: labels)
+    assert partition.names == ("c",) and partition.num_units == 1
+    assert partition.leaf_units == (None, 0, None)  # c/b, c/w, s in flattening order
+    poisoned = {"c": {"w": PARAMS["c"]["w"], "b": jnp.full(2, jnp.nan)}, "s": PARAMS["s"]}
+    # Not measured: only c/w counts, sum of squares 0 + 1 + ... + 25 = 55 (exact).
+    np.testing.assert_allclose(ot.unit_norms(partition, poisoned), [np.sqrt(55.0)], rtol=EPS32)
+    scaled = ot.scale_units(partition, poisoned, jnp.array([2.0]))
+    zeroed = ot.zero_units(partition, poisoned, jnp.array([True]))
+    for tree in (scaled, zeroed):  # unlabelled leaves pass through every operation
+        np.testing.assert_array_equal(tree["c"]["b"], np.full(2, np.nan))
+        np.testing.assert_array_equal(tree["s"], PARAMS["s"])
+    np.testing.assert_array_equal(scaled["c"]["w"], 2.0 * PARAMS["c"]["w"])
+    assert np.all(np.asarray(zeroed["c"]["w"]) == 0)
+    assert ot.leaf_values(partition, jnp.array([7.0]))[0] is None
+    # All None: no units, like a pytree without leaves.
+    nothing = ot.make_partition(PARAMS, lambda p: jax.tree.map(lambda _: None, p))
+    assert nothing.names == () and ot.unit_norms(nothing, PARAMS).shape == (0,)
+    with pytest.raises(ValueError, match="None"):
+        ot.make_partition(PARAMS, lambda _: {"c": {"w": "c", "b": "c"}, "s": ["a", None] * 2})

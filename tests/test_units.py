@@ -43,3 +43,18 @@ def test_named_labels_are_taken_as_given():
     labels = {"layer0": {"w": "a", "b": "a"}, "layer1": {"w": "a", "b": "a"}}
     labels |= {"blocks": {"w": "b"}, "head": "b"}
     assert ot.make_partition(PARAMS, units.named(labels)).names == ("a", "b")
+
+
+def test_a_none_rule_leaves_leaves_out_of_every_unit():
+    spec = units.by_regex({r"^(layer\d+)/w$": r"\1", r".": None})
+    partition = ot.make_partition(PARAMS, spec)
+    assert partition.names == ("layer0", "layer1")
+    assert [partition.leaf_paths[i] for i, u in enumerate(partition.leaf_units) if u is None] == [
+        "blocks/w",
+        "head",
+        "layer0/b",
+        "layer1/b",
+    ]
+    # stacked keeps a leaf that its base leaves out of every unit out, unsplit.
+    split = units.stacked(r"^blocks/", units.by_regex({r"^head": "head", r".": None}))
+    assert ot.make_partition(PARAMS, split).names == ("head",)

@@ -22,6 +22,7 @@ NAMES = ("a", "b", "c")
 # (its first weight (1 - d) / (1 - d**1) is exactly 1 for a faithful pow, which is
 # exact whenever the result is representable; later steps add w * (x - x) = 0).
 EPS32 = 2.0**-23
+G = 0  # the gradient's row in the (signals, units) statistics
 
 
 def grads_with(scale_a=1.0, scale_b=1.0, scale_c=1.0):
@@ -78,7 +79,7 @@ def test_clip_bounds_only_the_spiking_unit():
     grads = [grads_with()] * 5 + [grads_with(scale_a=40.0, scale_b=2.0)]
     updates, states = run(tx, grads)
     # ||ones(4)|| = 2 exactly, and an EMA of equal values stays exactly at that value.
-    assert float(states[4].control.mean[0]) == 2.0
+    assert float(states[4].control.mean[G, 0]) == 2.0
     # Clip factor 6 / 80 and the product 40 * factor: 2 roundings (norm in float64).
     clipped_norm = np.linalg.norm(np.asarray(updates[5]["a"], np.float64))
     np.testing.assert_allclose(clipped_norm, 6.0, rtol=EPS32)
@@ -91,8 +92,10 @@ def test_delta_gnmr_catches_a_fast_climb_below_the_gnmr_bar():
     _, states = run(optstab.gnmr(warmup_steps=5, action="clip"), grads)
     # GNMR = Delta-GNMR = ||2.5 ones(3)|| / ||ones(3)|| = 2.5 (both means hold exactly
     # sqrt(3) in float32): two sqrt and a division, 3 roundings, rtol 2 * EPS32.
-    np.testing.assert_allclose(states[-1].telemetry.gnmr[1], 2.5, rtol=2 * EPS32)  # below 3
-    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[1], 2.5, rtol=2 * EPS32)  # above 2
+    np.testing.assert_allclose(states[-1].telemetry.gnmr[G, 1], 2.5, rtol=2 * EPS32)  # below 3
+    np.testing.assert_allclose(
+        states[-1].telemetry.delta_gnmr[G, 1], 2.5, rtol=2 * EPS32
+    )  # above 2
     assert bool(states[-1].telemetry.recovering[1])
     _, states = run(optstab.gnmr(warmup_steps=5, delta_threshold=None, action="clip"), grads)
     assert not bool(states[-1].telemetry.recovering[1])
@@ -103,10 +106,10 @@ def test_statistics_freeze_while_recovering():
     # A 3-update spike, within the lock: frozen from entry to release, no re-baseline.
     grads = [grads_with()] * 4 + [grads_with(scale_a=20.0)] * 3 + [grads_with()] * 2
     _, states = run(tx, grads)
-    before = float(states[3].control.mean[0])
+    before = float(states[3].control.mean[G, 0])
     for s in states[4:8]:
-        assert float(s.control.mean[0]) == before and int(s.control.mean_count[0]) == 4
-    assert int(states[8].control.mean_count[0]) == 5  # released: observes again
+        assert float(s.control.mean[G, 0]) == before and int(s.control.mean_count[G, 0]) == 4
+    assert int(states[8].control.mean_count[G, 0]) == 5  # released: observes again
     assert int(states[8].telemetry.rebaselines) == 0
 
 
@@ -197,10 +200,10 @@ def test_cumulative_mean_and_window_short_signal():
     tx = optstab.gnmr(mean_mode="cumulative", short_window=2, warmup_steps=100)
     _, states = run(tx, grads)
     # Norms 2, 4, ..., 10 (exact); five running-mean steps of 3 roundings each.
-    np.testing.assert_allclose(states[-1].control.mean[0], 2.0 * np.mean(norms), rtol=8 * EPS32)
+    np.testing.assert_allclose(states[-1].control.mean[G, 0], 2.0 * np.mean(norms), rtol=8 * EPS32)
     # Delta-GNMR of the last step divides by the mean of the two norms before it:
     # a sum, a division by the count and the ratio, 3 roundings.
-    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[0], 5.0 / 3.5, rtol=2 * EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[G, 0], 5.0 / 3.5, rtol=2 * EPS32)
 
 
 def test_ema_mean_is_bias_corrected():
@@ -211,7 +214,7 @@ def test_ema_mean_is_bias_corrected():
     # pow within 1 ulp (EPS32 / 2 absolute), amplified 4.3x by 1 - 0.81, and 2 more
     # roundings: 3.2 EPS32 on a weight that moves the mean by half; 3 roundings for the
     # update: rtol 4 * EPS32.
-    np.testing.assert_allclose(states[-1].control.mean[0], expected, rtol=4 * EPS32)
+    np.testing.assert_allclose(states[-1].control.mean[G, 0], expected, rtol=4 * EPS32)
 
 
 def test_traced_hyperparameters_under_inject_hyperparams():
@@ -316,6 +319,8 @@ def test_nnx_unit_names_follow_the_model_attributes():
 @given(
     max_recover=st.integers(0, 3),
     lock=st.integers(1, 4),
+    factor=st.sampled_from([1.0, 2.0, 10.0]),
+    static_budget=st.booleans(),
     storm=st.lists(
         st.lists(
             st.sampled_from([1.0, 1.0, 1.0, 4.0, 30.0, 1000.0, np.nan]), min_size=6, max_size=6
@@ -324,55 +329,78 @@ def test_nnx_unit_names_follow_the_model_attributes():
         max_size=20,
     ),
 )
-def test_budget_is_never_exceeded_and_takes_the_highest_scores(max_recover, lock, storm):
+def test_budget_is_never_exceeded_and_preemption_takes_only_far_stronger_scores(
+    max_recover, lock, factor, static_budget, storm
+):
     params = {f"u{i}": jnp.ones(3) for i in range(6)}
-    step = _storm_step()
+    # A Python budget bounds top_k to it; a traced one sorts every unit.
+    step = _storm_step(static_budget)
     state = optstab.gnmr(warmup_steps=2).init(params)
     for _ in range(3):
-        state = step(jax.tree.map(jnp.ones_like, params), state, max_recover, lock)
+        state = step(jax.tree.map(jnp.ones_like, params), state, max_recover, lock, factor)
+    factor32 = np.float32(factor)  # the controller compares factor * peak in float32
+    peak = np.zeros(6, np.float32)  # each locked unit's highest score since it entered
     for scales in storm:
         grads = {f"u{i}": s * jnp.ones(3) for i, s in enumerate(scales)}
         locked_before = np.asarray(state.control.lock) > 0
-        state = step(grads, state, max_recover, lock)
+        state = step(grads, state, max_recover, lock, factor)
         recovering = np.asarray(state.telemetry.recovering)
-        assert recovering.sum() <= max_recover
-        assert (np.asarray(state.control.lock) > 0).sum() <= max_recover
-        assert np.all(recovering[locked_before])  # locked units stay in recovery
+        score = np.asarray(state.telemetry.score)
+        # The score is the documented one: a division and a max, 1 rounding apart at
+        # most (a division by a constant may be compiled as a reciprocal product).
+        np.testing.assert_allclose(score, _documented_score(state, 3.0, 2.0), rtol=2 * EPS32)
         entered = recovering & ~locked_before
-        score = _documented_score(state, threshold=3.0, delta_threshold=2.0)
+        preempted = locked_before & ~recovering
+        survivors = locked_before & recovering
         at_risk = (score > 1.0) | ~np.isfinite(np.asarray(state.telemetry.norm))
         denied = at_risk & ~locked_before & ~entered
+        assert recovering.sum() <= max_recover
+        assert (np.asarray(state.control.lock) > 0).sum() <= max_recover
         assert not np.any(entered & ~at_risk)
-        if entered.any() and denied.any():
+        if entered.any() and denied.any():  # the highest candidates win
             assert score[entered].min() >= score[denied].max()
+        if preempted.any():  # each preempted slot went to a score > factor * its peak
+            assert entered.sum() >= preempted.sum()
+            assert score[entered].min() > factor32 * peak[preempted].max()
+        if denied.any() and survivors.any():  # and no preemption was missed
+            assert score[denied].max() <= factor32 * peak[survivors].min()
         if denied.any():  # a denial means the budget was full
             assert recovering.sum() == max_recover
+        peak = np.where(entered, score, np.where(survivors, np.maximum(peak, score), 0))
+        peak = np.where(np.asarray(state.control.lock) > 0, peak, 0).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(state.control.lock_score), peak)
+        assert int(state.telemetry.preempted) >= preempted.sum()
 
 
 def _documented_score(state, threshold, delta_threshold):
     """The module docstring's ranking score, in float32 like the controller:
     ``max(GNMR / threshold, Delta-GNMR / delta_threshold)``, the second term only
-    while ``GNMR > 1``."""
-    gnmr = np.asarray(state.telemetry.gnmr, np.float32)
-    delta = np.asarray(state.telemetry.delta_gnmr, np.float32)
+    while ``GNMR > 1``; inf for a non-finite norm."""
+    gnmr = np.asarray(state.telemetry.gnmr[G], np.float32)
+    delta = np.asarray(state.telemetry.delta_gnmr[G], np.float32)
     climbing = gnmr > np.float32(1.0)
     delta_term = np.where(climbing, delta / np.float32(delta_threshold), np.float32(0.0))
-    return np.maximum(gnmr / np.float32(threshold), delta_term)
+    score = np.maximum(gnmr / np.float32(threshold), delta_term)
+    return np.where(np.isfinite(np.asarray(state.telemetry.norm)), score, np.inf)
 
 
 _STORM_STEP = {}
 
 
-def _storm_step():
-    """One compiled step shared by all hypothesis examples (traced budget and lock)."""
-    if "fn" not in _STORM_STEP:
+def _storm_step(static_budget):
+    """The compiled step shared by all hypothesis examples (traced lock and preemption
+    factor; the budget static or traced)."""
+    if static_budget not in _STORM_STEP:
 
-        def step(grads, state, max_recover, lock):
-            tx = optstab.gnmr(warmup_steps=2, max_recover=max_recover, lock_steps=lock)
+        def step(grads, state, max_recover, lock, factor):
+            tx = optstab.gnmr(
+                warmup_steps=2, max_recover=max_recover, lock_steps=lock, preempt_factor=factor
+            )
             return tx.update(grads, state)[1]
 
-        _STORM_STEP["fn"] = jax.jit(step)
-    return _STORM_STEP["fn"]
+        static = (2,) if static_budget else ()
+        _STORM_STEP[static_budget] = jax.jit(step, static_argnums=static)
+    return _STORM_STEP[static_budget]
 
 
 def test_gnmr_and_gnmr_wrap_share_their_options():
@@ -399,7 +427,7 @@ def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
     tx = optstab.gnmr(max_recover=0, warmup_steps=3, action="clip")
     grads = [grads_with()] * 30 + [grads_with(scale_a=1000.0)]
     _, states = run(tx, grads)
-    before, after = float(states[-2].control.mean[0]), float(states[-1].control.mean[0])
+    before, after = float(states[-2].control.mean[G, 0]), float(states[-1].control.mean[G, 0])
     assert int(states[-1].telemetry.denied) == 1 and not bool(states[-1].telemetry.recovering[0])
     weight = 0.01 / (1 - 0.99**31)  # the bias-corrected EMA's 31st weight
     # The weight (1 - d) / (1 - d**31): pow within 1 ulp and 0.99's float32 rounding
@@ -414,7 +442,7 @@ def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
     # over 1 - 0.9801 = 0.0199 is 25 EPS32 relative; it moves the mean by 80%, with 3
     # more roundings: rtol 30 * EPS32.
     np.testing.assert_allclose(
-        states[-1].control.mean[0], 2.0 * (0.99 + 9.0) / 1.99, rtol=30 * EPS32
+        states[-1].control.mean[G, 0], 2.0 * (0.99 + 9.0) / 1.99, rtol=30 * EPS32
     )
 
 
@@ -439,13 +467,14 @@ def test_reset_ramps_the_units_step_size_back_up():
     np.testing.assert_array_equal(updates[6]["b"], -np.ones(3))  # other units unramped
 
 
-def _traced_lock_run(make_tx, lock_values, grad_list):
-    """Runs ``make_tx(lock_steps)`` over ``grad_list`` for each lock, with one compile
-    (the lock is a traced argument); returns the states per lock and step."""
+def _traced_lock_run(make_tx, configs, grad_list):
+    """Runs ``make_tx(*config)`` over ``grad_list`` for each config (a tuple of ints),
+    with one compile (the ints are traced arguments); returns the states per config and
+    step."""
 
     @jax.jit
-    def run_one(lock):
-        tx = make_tx(lock)
+    def run_one(config):
+        tx = make_tx(*config)
 
         def step(state, grads):
             _, state = tx.update(grads, state, PARAMS)
@@ -454,7 +483,7 @@ def _traced_lock_run(make_tx, lock_values, grad_list):
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grad_list)
         return jax.lax.scan(step, tx.init(PARAMS), stacked)[1]
 
-    return {lock: run_one(jnp.int32(lock)) for lock in lock_values}
+    return {config: run_one(tuple(jnp.int32(x) for x in config)) for config in configs}
 
 
 def test_lock_zero_is_rejected_and_a_short_spike_never_moves_the_baseline():
@@ -464,49 +493,61 @@ def test_lock_zero_is_rejected_and_a_short_spike_never_moves_the_baseline():
             optstab.gnmr(lock_steps=bad)
         with pytest.raises(ValueError, match="lock_steps"):
             optstab.gnmr_wrap(optax.sgd(1.0), lock_steps=bad)
-    # A two-update 1000x spike, then a 100x spike 30 updates later, at every small lock.
+    # A two-update 1000x spike, then a 100x spike 30 updates later, at every small lock,
+    # held while raised (the default cap, 4 locks) or fixed.
     grads = [grads_with()] * 30 + [grads_with(scale_a=1000.0)] * 2 + [grads_with()] * 30
     grads += [grads_with(scale_a=100.0)]
-    make = lambda lock: optstab.gnmr(warmup_steps=5, lock_steps=lock)
-    for lock, states in _traced_lock_run(make, range(1, 7), grads).items():
+    held = lambda lock: optstab.gnmr(warmup_steps=5, lock_steps=lock)
+    fixed = lambda lock: optstab.gnmr(warmup_steps=5, lock_steps=lock, max_lock_steps=lock)
+    configs = [(lock,) for lock in range(1, 7)]
+    runs = {**_traced_lock_run(held, configs, grads)}
+    runs |= {(lock, "fixed"): s for (lock,), s in _traced_lock_run(fixed, configs, grads).items()}
+    for config, states in runs.items():
+        lock = config[0]
         assert int(states.control.lock[30, 0]) == lock  # published after the update it entered
         # Frozen through both spike updates (the unit is in recovery for both, as
         # lock + 1 >= 2), and back to the same EMA of equal norms afterwards: the
         # baseline is exactly ||ones(4)|| = 2.
-        np.testing.assert_array_equal(states.control.mean[29:32, 0], 2.0)
-        assert (
-            float(states.control.mean[-2, 0]) == 2.0 and int(states.telemetry.rebaselines[-1]) == 0
-        ), lock
+        np.testing.assert_array_equal(states.control.mean[29:32, G, 0], 2.0)
+        assert float(states.control.mean[-2, G, 0]) == 2.0, config
+        assert int(states.telemetry.rebaselines[-1]) == 0, config
+        # Fixed: lock + 1 updates. Held: also every update still raised (GNMR over its
+        # bar) when the countdown ends, and the one after it (published for its
+        # forward pass), so a 2-update spike takes max(lock, 2) + 1 updates, and no
+        # more: released once it is over.
+        recovered = lock + 1 if "fixed" in config else max(lock, 2) + 1
+        assert int(states.telemetry.recovered_steps[-2]) == recovered, config
         # The 100x spike is caught: GNMR = 200 / 2.
-        assert float(states.telemetry.gnmr[-1, 0]) == 100.0 and bool(
-            states.telemetry.recovering[-1, 0]
-        ), lock
+        assert float(states.telemetry.gnmr[-1, G, 0]) == 100.0, config
+        assert bool(states.telemetry.recovering[-1, 0]), config
 
 
-def test_a_lasting_shift_is_learnt_after_eleven_updates_or_the_lock():
+def test_a_lasting_shift_is_learnt_after_eleven_updates_or_the_cap():
     # From update 5 on, unit "a" sits at 10x: a new level. Under "skip" its gradient
     # cannot change while it is frozen, so only the re-baseline ends its recovery.
-    shift = 40
+    shift = 50
     grads = [grads_with()] * 5 + [grads_with(scale_a=10.0)] * shift
-    make = lambda lock: optstab.gnmr_wrap(
-        optax.sgd(1.0), warmup_steps=3, lock_steps=lock, action="skip"
+    make = lambda lock, cap: optstab.gnmr_wrap(
+        optax.sgd(1.0), warmup_steps=3, lock_steps=lock, max_lock_steps=cap, action="skip"
     )
-    locks = (1, 2, 3, 4, 5, 6, 10, 12)
-    for lock, states in _traced_lock_run(make, locks, grads).items():
+    fixed = [(lock, lock) for lock in (1, 2, 3, 4, 5, 6, 10, 12)]
+    held = [(lock, 4 * lock) for lock in (1, 2, 3, 5, 10)] + [(2, 7), (3, 30)]
+    for (lock, cap), states in _traced_lock_run(make, fixed + held, grads).items():
         found = states.gnmr
-        # Hand count: back-to-back locks of lock + 1 updates (the slot is free again
-        # at each release) until a release finds the risk k * (lock + 1) >= level
-        # updates old, level = max(lock + 1, 11).
+        # Hand count: the unit stays raised, so each lock is held to its cap, cap + 1
+        # updates; back-to-back locks (the slot is free again at each release) until a
+        # release finds the risk k * (cap + 1) >= level updates old, level =
+        # max(lock + 1, 11).
         level = max(lock + 1, 11)
-        locks_needed = -(-level // (lock + 1))
-        recovered = locks_needed * (lock + 1)
-        assert int(found.telemetry.triggers[-1]) == locks_needed, lock
-        assert int(found.telemetry.recovered_steps[-1]) == recovered, lock
-        assert int(found.telemetry.rebaselines[-1]) == 1, lock
+        locks_needed = -(-level // (cap + 1))
+        recovered = locks_needed * (cap + 1)
+        assert int(found.telemetry.triggers[-1]) == locks_needed, (lock, cap)
+        assert int(found.telemetry.recovered_steps[-1]) == recovered, (lock, cap)
+        assert int(found.telemetry.rebaselines[-1]) == 1, (lock, cap)
         # Re-baselined at the new norm 10 * ||ones(4)|| = 20, then trained again.
-        assert float(found.control.mean[-1, 0]) == 20.0, lock
+        assert float(found.control.mean[-1, G, 0]) == 20.0, (lock, cap)
         acted = np.asarray(found.telemetry.recovering[5:, 0])
-        assert acted.tolist() == [True] * recovered + [False] * (shift - recovered), lock
+        assert acted.tolist() == [True] * recovered + [False] * (shift - recovered), (lock, cap)
 
 
 def test_delta_gnmr_ignores_a_rise_back_to_the_normal_level():
@@ -525,8 +566,8 @@ def test_delta_gnmr_ignores_a_rise_back_to_the_normal_level():
     # carry < 20 EPS32 (as in the denied-spike test) at 4% of the mean, the short ones
     # (powers of 2) a few roundings; the norms' sqrt(3) cancels to 2 roundings: rtol
     # 4 * EPS32.
-    np.testing.assert_allclose(states[-1].telemetry.gnmr[1], gnmr, rtol=4 * EPS32)
-    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[1], delta, rtol=4 * EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.gnmr[G, 1], gnmr, rtol=4 * EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.delta_gnmr[G, 1], delta, rtol=4 * EPS32)
     assert int(states[-1].telemetry.triggers) == 0
 
 
@@ -586,8 +627,8 @@ def test_complex_units_are_measured_by_modulus_and_clipped_in_phase():
     norm = np.sqrt(np.sum(np.abs(z) ** 2))
     assert states[-1].control.mean.dtype == jnp.float32
     # Integer sums of squares are exact; sqrt, bar, ratio: 3 roundings, rtol 2 * EPS32.
-    np.testing.assert_allclose(states[-2].control.mean[1], mean, rtol=EPS32)
-    np.testing.assert_allclose(states[-1].telemetry.gnmr[1], norm / mean, rtol=2 * EPS32)
+    np.testing.assert_allclose(states[-2].control.mean[G, 1], mean, rtol=EPS32)
+    np.testing.assert_allclose(states[-1].telemetry.gnmr[G, 1], norm / mean, rtol=2 * EPS32)
     assert updates[-1]["z"].dtype == jnp.complex64
     # Two sqrt, the bar, the factor, the complex product: 5 roundings, rtol 3 * EPS32.
     np.testing.assert_allclose(updates[-1]["z"], z * (3.0 * mean / norm), rtol=3 * EPS32)
