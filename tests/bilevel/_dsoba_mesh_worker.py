@@ -12,7 +12,8 @@ import jax
 
 from optstab.bilevel import topology
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+HERE = __file__.rsplit("/", 1)[0]
+sys.path[:0] = [HERE, HERE.rsplit("/", 1)[0]]  # tests/bilevel (test_dsoba), tests (conformance)
 import test_dsoba as t  # noqa: E402
 
 

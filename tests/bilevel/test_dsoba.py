@@ -1,11 +1,8 @@
 """D-SOBA: reduction to MA-SOBA, the averaged problem's solution, heterogeneity bias, mesh."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import conformance
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,18 +227,7 @@ WORKER = Path(__file__).with_name("_dsoba_mesh_worker.py")
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dsoba_mesh") / "result.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
-        env=env,
-        cwd=str(Path(__file__).parents[2]),
-        check=True,
-        timeout=300,
-    )
-    return json.loads(out.read_text())
+    return conformance.run_on_eight_devices(WORKER, out, timeout=300)
 
 
 @pytest.mark.parametrize("name", ["ring", "exponential", "ring_fo"])
