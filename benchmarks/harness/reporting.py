@@ -257,6 +257,12 @@ PALETTE = {
     "bros_r32": "#9467bd",
     "bros_r64": "#c5b0d5",
     "bros_r128": "#d62728",
+    # decentralized graphs (D-SOBA) and their centralized reference
+    "centralized": "#000000",
+    "ring": "#d62728",
+    "torus": "#ff7f0e",
+    "exponential": "#2ca02c",
+    "complete": "#1f77b4",
 }
 _SPARE = ("#e7ba52", "#843c39", "#637939", "#7b4173", "#ad494a", "#8ca252", "#de9ed6")
 
