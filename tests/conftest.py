@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,19 @@ if os.environ["JAX_PLATFORMS"] == "cpu" and not os.environ.get("OPTSTAB_TEST_FUL
     if "xla_backend_optimization_level" not in _flags:
         os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 
+# One on-disk cache of compiled programs for the whole session (every xdist worker and
+# the 8-device subprocesses, which inherit the variable): a study's resume test, for
+# one, compiles again exactly what its first run compiled. The first process of the
+# session makes a fresh directory and removes it at the end, so nothing outlives a
+# run; OPTSTAB_TEST_NO_CACHE=1 turns it off. A cached executable is the compiled one
+# (same bits, same memory_analysis); an unreadable entry is recompiled with a warning.
+_CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = None
+if not os.environ.get("OPTSTAB_TEST_NO_CACHE"):
+    if _CACHE_DIR not in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _OWN_CACHE = os.environ[_CACHE_DIR] = tempfile.mkdtemp(prefix="optstab-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -38,6 +52,18 @@ for _path in (TESTS_DIR / "benchmarks", TESTS_DIR):
         sys.path.insert(0, str(_path))
 
 jax.config.update("jax_enable_x64", False)
+if os.environ.get(_CACHE_DIR) and not os.environ.get("OPTSTAB_TEST_NO_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_DIR])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 # Hypothesis: one profile everywhere (CI and laptops alike), so a developer's run and
 # CI's draw examples the same way. No deadline (JIT compilation makes the first example
