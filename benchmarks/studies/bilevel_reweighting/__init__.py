@@ -42,8 +42,9 @@ classes; validation curves every ``eval_every`` steps.
 
 Cost, per method, of the one update step that training runs (``x`` and the optimizer
 state donated): compiled bytes (argument + output + temp - alias, XLA's memory
-analysis), compile time, and the median step time of ``step_repeats`` calls timed
-round-robin over all methods after training.
+analysis), compile time (the two baselines share one executable, so one compile
+time), and the median step time of ``step_repeats`` calls timed round-robin over all
+methods after training.
 
 Factored leaves (summary ``factored``, per BROS rank): the ViT leaves BROS projects
 (2-D with more than ``rank`` rows), the kinds of product they enter, and the number of
@@ -149,10 +150,14 @@ def measure_study(names: list[str], context: Context) -> dict:
     setups = [train.seed_setup(config, s) for s in range(config.num_seeds)]
     evidence = factored_evidence(config, setups[0], names)  # tracing only: seconds
     compiled, carries, fixed = {}, {}, {}
+    frozen = None  # the baselines' one executable: the same step on the same shapes
     for name in context.each(names, desc="compile"):
+        reuse = frozen if name in train.BASELINES else None
         compiled[name], carries[name], fixed[name] = train.compile_method(
-            name, config, setups[0], mesh, fsdp
+            name, config, setups[0], mesh, fsdp, reuse
         )
+        if name in train.BASELINES:
+            frozen = compiled[name]
     per_seed: dict[str, list[dict]] = {name: [] for name in names}
     curves: dict[str, list[dict]] = {name: [] for name in names}
     runs = [(name, setup) for name in names for setup in setups]

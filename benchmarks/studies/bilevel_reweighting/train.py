@@ -84,12 +84,17 @@ def lower_variable(name: str, carry: tuple) -> Any:
 
 
 def compile_method(
-    name: str, config, setup: dict, mesh=None, fsdp=False
+    name: str, config, setup: dict, mesh=None, fsdp=False, reuse=None
 ) -> tuple[measure.CompiledStep, tuple, tuple]:
-    """The compiled donated step of ``name``, its initial carry and a fixed batch."""
+    """The compiled donated step of ``name``, its initial carry and a fixed batch.
+
+    ``reuse``: an executable compiled for the same step and shapes (the two baselines
+    run one step function), returned instead of compiling again.
+    """
     step, carry = make_method(name, config, setup, mesh, fsdp)
     batch = batches_at(setup, name, 0, mesh)
-    return measure.compile_step(step, *carry, *batch, mesh=mesh), carry, batch
+    compiled = reuse or measure.compile_step(step, *carry, *batch, mesh=mesh)
+    return compiled, carry, batch
 
 
 @functools.partial(jax.jit, static_argnums=0)
