@@ -228,6 +228,7 @@ PALETTE = {
     "adamw": "#000000",
     "none": "#7f7f7f",
     "no_cleaning": "#7f7f7f",
+    "no_reweighting": "#7f7f7f",
     "uniform": "#7f7f7f",
     "oracle": "#bcbd22",
     "oracle_clean": "#bcbd22",

@@ -17,6 +17,7 @@ STUDIES = (
     "bilevel_cleaning",
     "bilevel_memory",
     "bilevel_mixture",
+    "bilevel_reweighting",
     "lowprec_lm",
     "bilevel_decentralized",
 )

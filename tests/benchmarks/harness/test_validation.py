@@ -24,6 +24,7 @@ CASES = [
     ("bilevel_cleaning", "--config.methods=ma_soba,bros_rx", "cannot read a rank"),
     ("bilevel_memory", "--config.widths=(0,)", "widths must be positive"),
     ("bilevel_mixture", "--config.domains=clean,weird", "unknown domain kind 'weird'"),
+    ("bilevel_reweighting", "--config.patch=3", "patch must divide the image size 8"),
     ("lowprec_lm", "--config.heads=3", "not divisible by heads"),
     ("lowprec_lm", "--config.quant.fmt=int7", "int7"),
 ]
@@ -56,7 +57,7 @@ def test_a_rejected_config_stops_before_any_work(
 
 
 def test_all_checks_every_config_before_running_any(no_training, monkeypatch, capsys, tmp_path):
-    """With ``all``, the last study's rejected config stops the six before it too."""
+    """With ``all``, the last study's rejected config stops the seven before it too."""
     from configs import lowprec_lm
 
     quick = lowprec_lm.get_config

@@ -1,0 +1,67 @@
+"""What the per-sample-weighting studies share: minibatch plans and the baseline step.
+
+In ``bilevel_reweighting`` (and ``bilevel_cleaning``, whose ``train.py`` still holds
+its own copy of the same three pieces) the upper variable ``x`` holds one weight logit
+per training sample and the lower variable ``y`` is trained on the weighted loss
+(:func:`benchmarks.problems.vit.reweighting_problem`,
+:func:`benchmarks.problems.cleaning.cleaning_problem`). Every method is trained on the
+same minibatches (:func:`minibatch_plan`, :func:`batches_at`) and the solvers are
+compared with SGD on ``y`` alone, ``x`` frozen (:func:`frozen_weights_step`): on all
+samples (no weighting) and on the correctly labelled ones only (the oracle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.harness import parallel
+from optstab import bilevel
+
+
+def minibatch_plan(
+    rng: np.random.Generator,
+    steps: int,
+    n_train: int,
+    n_val: int,
+    clean: np.ndarray,
+    inner_batch: int,
+    outer_batch: int,
+) -> dict[str, np.ndarray]:
+    """Minibatch indices of every step, drawn with replacement (int32 arrays).
+
+    Returns ``inner`` (``steps x inner_batch``, training samples), ``clean_inner`` (the
+    same shape, drawn from the indices ``clean`` only: the oracle's batches) and
+    ``outer`` (``steps x outer_batch``, validation samples).
+    """
+    return {
+        "inner": rng.integers(0, n_train, (steps, inner_batch)).astype(np.int32),
+        "clean_inner": clean[rng.integers(0, clean.size, (steps, inner_batch))].astype(np.int32),
+        "outer": rng.integers(0, n_val, (steps, outer_batch)).astype(np.int32),
+    }
+
+
+def batches_at(data: Any, plan: dict, t: int, oracle: bool = False, mesh=None) -> tuple:
+    """``(inner_batch, outer_batch)`` of step ``t``: ``(indices, inputs, labels)`` of
+    the training split and ``(inputs, labels)`` of the validation split of ``data``
+    (fields ``x_train``, ``y_train``, ``x_val``, ``y_val``), sharded over the ``data``
+    axis of ``mesh`` (if any). ``oracle`` draws from ``plan["clean_inner"]``."""
+    idx = plan["clean_inner" if oracle else "inner"][t]
+    out = plan["outer"][t]
+    inner = (idx, data.x_train[idx], data.y_train[idx])
+    return parallel.shard_batch((inner, (data.x_val[out], data.y_val[out])), mesh)
+
+
+def frozen_weights_step(problem: bilevel.BilevelProblem, inner_lr: float):
+    """``(x, y, inner_batch, outer_batch) -> (x, y)``: one SGD step on the inner loss
+    with ``x`` frozen; the calling convention of
+    :func:`benchmarks.problems.cleaning.bilevel_step` (the outer batch is not used)."""
+
+    def step(x, y, inner_batch, outer_batch):
+        del outer_batch
+        grads = jax.grad(problem.inner_loss, argnums=1)(x, y, inner_batch)
+        return x, jax.tree.map(lambda p, g: p - inner_lr * g, y, grads)
+
+    return step

@@ -1,0 +1,205 @@
+"""Analysis and report of ``bilevel_reweighting``: medians over seeds, cost ratios
+against MA-SOBA, the goal checks, the table and the figure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from benchmarks.harness import reporting
+from benchmarks.problems import methods
+
+# Per-seed figures summarised by their median (None where a method has none).
+MEDIAN_KEYS = (
+    "test_acc",
+    "test_loss",
+    "val_acc",
+    "val_loss",
+    "detect_f1",
+    "clean_weight",
+    "corrupted_weight",
+    "rare_class_weight",
+    "frequent_class_weight",
+)
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def summarize(per_seed: dict[str, list[dict]], cost: dict[str, dict]) -> dict:
+    """name -> medians over seeds of the per-seed records, and the cost columns with
+    their ratios to MA-SOBA's."""
+    rows = {}
+    for name, records in per_seed.items():
+        entry: dict[str, Any] = {key: _median([r.get(key) for r in records]) for key in MEDIAN_KEYS}
+        accs = [r["test_acc"] for r in records]
+        entry["test_acc_min"], entry["test_acc_max"] = min(accs), max(accs)
+        entry["diverged"] = sum(not r["finite"] for r in records)
+        entry.update(cost[name])
+        rows[name] = entry
+    reference = rows.get("ma_soba")
+    if reference is not None:
+        for entry in rows.values():
+            entry["peak_bytes_ratio"] = entry["peak_bytes"] / reference["peak_bytes"]
+            entry["step_time_ratio"] = entry["step_time_s"] / reference["step_time_s"]
+    return rows
+
+
+def goal_checks(rows: dict, config: ml_collections.ConfigDict) -> tuple[dict, float | None]:
+    """The issue's goal for every BROS rank, and the memory reduction.
+
+    A rank is within the accuracy goal when its median test accuracy is at most
+    ``goal_accuracy_gap`` below MA-SOBA's (better also counts). The reduction is the
+    largest ``1 - bytes(BROS) / bytes(MA-SOBA)`` among those ranks (``None`` if none).
+    ``met``: some rank is within the accuracy goal, saves at least ``goal_reduction``
+    of the bytes and takes at most ``goal_time_ratio`` of MA-SOBA's step time.
+    """
+    goal: dict[str, Any] = {}
+    reference = rows.get("ma_soba")
+    if reference is None:
+        return goal, None
+    best, met = None, False
+    for name, m in rows.items():
+        if methods.bros_rank(name) is None:
+            continue
+        gap = reference["test_acc"] - m["test_acc"]
+        within = bool(gap <= config.goal_accuracy_gap + 1e-9)
+        saved = 1.0 - m["peak_bytes_ratio"]
+        fast = bool(m["step_time_ratio"] <= config.goal_time_ratio)
+        goal[f"{name}_accuracy_gap"] = gap
+        goal[f"{name}_within_1pt_of_ma_soba"] = within
+        goal[f"{name}_bytes_saved"] = saved
+        goal[f"{name}_time_ratio_ok"] = fast
+        if within:
+            best = saved if best is None else max(best, saved)
+            met = met or (fast and saved >= config.goal_reduction)
+    goal["met"] = met
+    return goal, best
+
+
+def table(result: dict) -> str:
+    """One row per method, then the projected leaves, the reduction and the goals."""
+    s, config = result["summary"], result["config"]
+    headers = [
+        "method",
+        "test_acc",
+        "acc_min",
+        "acc_max",
+        "detect_f1",
+        "diverged",
+        "w_clean",
+        "w_corrupt",
+        "w_rare",
+        "w_frequent",
+        *reporting.COST_HEADERS,
+    ]
+    rows = [
+        [
+            name,
+            m["test_acc"],
+            m["test_acc_min"],
+            m["test_acc_max"],
+            m["detect_f1"],
+            f"{m['diverged']}/{config['num_seeds']}",
+            m["clean_weight"],
+            m["corrupted_weight"],
+            m["rare_class_weight"],
+            m["frequent_class_weight"],
+            *reporting.cost_cells(
+                m["peak_bytes"],
+                m.get("peak_bytes_ratio"),
+                m["step_time_s"],
+                m.get("step_time_ratio"),
+                m["compile_s"],
+            ),
+        ]  # fmt: skip
+        for name, m in ((n, s["methods"][n]) for n in reporting.ordered(s["methods"]))
+    ]
+    factored = [
+        f"{name}: {len(f['projected'])} leaves projected ({', '.join(f['kinds'])}); "
+        f"coordinate-dependent weight-shaped values {f['weight_shaped']} factored, "
+        f"{f['weight_shaped_dense']} dense"
+        + (
+            f" (shapes shared with coordinates, not checked: {f['unchecked_shapes']})"
+            if f["unchecked_shapes"]
+            else ""
+        )  # fmt: skip
+        for name, f in s["factored"].items()
+    ]
+    reduction = s["memory_reduction_vs_ma_soba"]
+    return reporting.report(
+        f"ViT {config['patch']}x{config['patch']} patches, width {config['width']}, depth "
+        f"{config['depth']}, {config['heads']} heads ({s['num_params'] / 1e3:.0f}k params); "
+        f"{s['num_train']} train samples (imbalance {config['imbalance']:g}, "
+        f"{100 * s['corrupted_fraction']:.0f}% noisy labels); {config['num_steps']} steps, "
+        f"batch {config['inner_batch']}/{config['outer_batch']}; median over "
+        f"{config['num_seeds']} seeds; ratios vs ma_soba; on "
+        f"{result['environment']['device_kind']}",
+        headers,
+        rows,
+        "\n".join(factored)
+        + "\nmemory reduction vs ma_soba (best BROS rank within 1 pt): "
+        + ("none qualifies" if reduction is None else f"{100 * reduction:.1f}%"),
+        goal=s["goal"],
+        goal_title=f"goals (BROS test acc within {100 * config['goal_accuracy_gap']:.0f} pt of "
+        f"ma_soba, >= {100 * config['goal_reduction']:.0f}% fewer bytes, step time <= "
+        f"{config['goal_time_ratio']}x):",
+    )
+
+
+def plot(result: dict, path) -> Any:
+    """Test accuracy over seeds, compiled bytes, validation accuracy and mean weights."""
+    s, raw, config = result["summary"], result["raw"], result["config"]
+    names = reporting.ordered(s["methods"])
+    fig, axes = reporting.figure(1, 4, (18, 4.2))
+
+    ax = axes[0]
+    accs = {m: [r["test_acc"] for r in raw["seeds"][m]] for m in names}
+    title = f"test accuracy, {config['num_seeds']} seeds"
+    reporting.seed_boxes(ax, names, accs, "test accuracy of the final y (fraction)", title)
+    if "ma_soba" in s["methods"]:
+        reference = s["methods"]["ma_soba"]["test_acc"]
+        ax.axhline(reference, color=reporting.color("ma_soba"), lw=0.8, ls=":",
+                   label="ma_soba median")  # fmt: skip
+        ax.axhline(reference - config["goal_accuracy_gap"], color="tab:red", lw=0.8,
+                   ls="--", label="-1 pt")  # fmt: skip
+        ax.legend(fontsize=7)
+
+    mib = {m: s["methods"][m]["peak_bytes"] / 2**20 for m in names}
+    reporting.method_bars(axes[1], names, {"compiled bytes": mib},
+                          "MiB (argument + output + temp - alias)",
+                          "compiled bytes of one donated update step")  # fmt: skip
+    axes[1].set_ylim(0, None)
+
+    ax = axes[2]
+    for m in names:
+        runs = raw["curves"][m]
+        values = np.median(np.asarray([r["val_acc"] for r in runs], dtype=float), axis=0)
+        ax.plot(runs[0]["step"], values, label=m, lw=1.2, color=reporting.color(m))
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy (fraction)")
+    ax.set_title("validation accuracy (median over seeds)")
+    ax.legend(fontsize=7)
+
+    solvers = [m for m in names if s["methods"][m]["clean_weight"] is not None]
+    groups = {
+        "clean": "clean_weight",
+        "noisy": "corrupted_weight",
+        "clean, rare classes": "rare_class_weight",
+        "clean, frequent classes": "frequent_class_weight",
+    }
+    series = {label: {m: s["methods"][m][key] for m in solvers} for label, key in groups.items()}
+    subset = "" if len(solvers) == len(names) else f", {len(solvers)} of {len(names)} methods"
+    reporting.method_bars(axes[3], solvers, series, "mean sigmoid(x_i)",
+                          "learned sample weights (median over seeds)" + subset)  # fmt: skip
+    axes[3].set_ylim(0, None)
+    axes[3].legend(fontsize=7)
+    fig.suptitle(
+        f"ViT sample reweighting on digits (imbalance {config['imbalance']:g}, "
+        f"{100 * s['corrupted_fraction']:.0f}% noisy labels), {config['num_steps']} steps"
+    )
+    return reporting.save_figure(fig, path)
