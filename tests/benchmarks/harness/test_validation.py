@@ -57,7 +57,7 @@ def test_a_rejected_config_stops_before_any_work(
 
 
 def test_all_checks_every_config_before_running_any(no_training, monkeypatch, capsys, tmp_path):
-    """With ``all``, the last study's rejected config stops the seven before it too."""
+    """With ``all``, one rejected config (lowprec_lm's, late in the order) stops every study."""
     from configs import lowprec_lm
 
     quick = lowprec_lm.get_config
