@@ -37,13 +37,14 @@ TRACES = ("loss", "val_curve")
 def train_both(results, label, names, config, mesh, fsdp=False) -> None:
     corpus = lm.stdlib_corpus(config.val_fraction)
     val = lm.val_windows(corpus.val, config.val_windows, config.context + 1)
-    inputs = stress.make_inputs(config, corpus, bursts=True)
+    inputs = stress.make_inputs(config, corpus, config.quantizer_outliers.layers, real=False)
     quant = lowprec.quant_config(**config.quant)
-    model = train.model_fns(config, quant)
+    programs = {where: train.Programs(config, m, fsdp) for where, m in
+                (("sharded", mesh), ("single", None))}  # fmt: skip
     for name in names:
-        for where, m in (("sharded", mesh), ("single", None)):
-            out = train.train_method(name, config, quant, inputs, val, mesh=m, model=model,
-                                     fsdp=fsdp)  # fmt: skip
+        for where in ("sharded", "single"):
+            out = train.train_method(name, config, quant, inputs, val,
+                                     programs=programs[where])  # fmt: skip
             for key in TRACES:
                 results[f"{label}/{name}/{where}/{key}"] = np.asarray(out[key])
 
