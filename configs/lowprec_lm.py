@@ -65,9 +65,12 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
         c = get_config("quick")
         c.size = "tiny"
         c.num_seeds = 2
-        c.methods = ("reference", "none", "zclip", "gnmr_amax", "fine_grained",
-                     "oracle_precision")  # fmt: skip
+        # Compilation is nearly all of a tiny run's time, one per (registry method, recipe):
+        # three here. The persistent regime reuses the fine_grained recipe as its format
+        # (a smoke test of the regime's path, not its float4 boundary).
+        c.methods = ("reference", "none", "gnmr_amax", "fine_grained", "oracle_precision")
         c.persistent_methods = ("reference", "none")
+        c.persistent_quant.update({**STRESSED, **c.recipes.fine_grained})
         # Bursts on qkv moved the tiny reference by about 7%, on proj by 0.3%: the rule keeps
         # one type and drops the other, so both of its branches run.
         c.model_outliers.candidate_layers = ("qkv", "proj")
