@@ -1,6 +1,6 @@
 """Trains the lowprec_lm study's model on 8 simulated CPU devices and on one; writes a .npz.
 
-Started by ``test_lowprec_lm.py::test_data_parallel_matches_one_device`` with
+Started by ``test_lowprec_lm.py::test_data_parallel_and_fsdp_match_one_device`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu``::
 
     python tests/benchmarks/_lowprec_sharded_worker.py OUT.npz
