@@ -20,6 +20,8 @@ channels, a magnitude alpha log-uniform in ``[alpha_min, alpha_max]``, for
   of large LMs sit), so the float32 reference sees them too, and the gap is what the
   format and the delayed scale's lag add. With outliers on every token the reference
   suffered as much as int8 (alpha 20-200: val 2.512 vs 2.520, no gap left to measure).
+  It reuses the schedule and sizes above unchanged (nothing was retuned for it); only its
+  layer types come from a rule, below.
 
 The rule that picks the ``model_outliers`` layers, from the float32 reference alone
 (``model_outliers.reference_tolerance``): with the burst sizes above, the study first
