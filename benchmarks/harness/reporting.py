@@ -239,7 +239,11 @@ PALETTE = {
     "adagc": "#9467bd",
     "spam": "#d62728",
     "skip_step": "#8c564b",
+    # low-precision recipes (lowprec_lm)
+    "current_scaling": "#aec7e8",
+    "fine_grained": "#c49c94",
     # GNMR
+    "gnmr": "#1f77b4",
     "gnmr_chain": "#1f77b4",
     "gnmr_clip": "#1f77b4",
     "gnmr_precision": "#1f77b4",
@@ -248,7 +252,8 @@ PALETTE = {
     "gnmr_precision_clip": "#17becf",
     "gnmr_clip_budget2": "#393b79",
     "gnmr_skip_budget2": "#6b6ecf",
-    "gnmr_amax_precision": "#e377c2",
+    "gnmr_amax": "#e377c2",
+    "gnmr_both": "#9edae5",
     # bilevel solvers (BROS by rank; a naive variant takes its rank's colour, dashed)
     "soba": "#ff7f0e",
     "ma_soba": "#1f77b4",

@@ -15,11 +15,17 @@ head. The four matmuls of every block (``qkv``, ``proj``, ``up``, ``down``) are
 attention products stay in float32, as in common FP8 recipes. The path of a block's
 layer, e.g. ``blocks/0/up``, is also its GNMR unit name (see :func:`layer_units`).
 
-Outliers. ``model(tokens, outliers)`` takes an optional ``{layer_path: (width,) array}``
-of per-channel multipliers for that layer's input as its quantizer sees it (the
-``outliers`` argument of :class:`~optstab.lowprec.QuantLinear`: the format sees the
-outliers, the float32 function does not): the stress of the ``lowprec_lm`` study
-(ones mean no outliers).
+Outliers (the stress of the ``lowprec_lm`` study; ones mean no outliers). ``model(tokens,
+outliers, real_outliers)`` takes two optional ``{layer_path: (width,) array}`` of
+per-channel multipliers of a layer's input:
+
+* ``outliers``: as the layer's quantizer sees it (the ``outliers`` argument of
+  :class:`~optstab.lowprec.QuantLinear`): the format sees them, the float32 function
+  does not;
+* ``real_outliers``: in the function itself, on the sequence positions
+  ``outlier_positions`` only (default ``(0,)``), as the massive activations of large LMs
+  sit on a few tokens such as the first: the layer, float32 or quantized, computes on
+  ``x * a`` there.
 """
 
 from __future__ import annotations
@@ -115,16 +121,37 @@ class Block(nnx.Module):
         self.up = linear(width, mlp_width)
         self.down = linear(mlp_width, width)
 
-    def __call__(self, x: jax.Array, outliers: Mapping[str, jax.Array]) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        outliers: Mapping[str, jax.Array],
+        real: Mapping[str, jax.Array],
+        positions: tuple[int, ...],
+    ) -> jax.Array:
+        def layer(name: str, inputs: jax.Array) -> jax.Array:
+            inputs = with_real_outliers(inputs, real.get(name), positions)
+            return getattr(self, name)(inputs, outliers.get(name))
+
         batch, length, width = x.shape
-        q, k, v = jnp.split(self.qkv(self.norm1(x), outliers.get("qkv")), 3, axis=-1)
+        q, k, v = jnp.split(layer("qkv", self.norm1(x)), 3, axis=-1)
         shape = (batch, length, self.heads, width // self.heads)
         q, k, v = (t.reshape(shape) for t in (q, k, v))
         mask = jnp.tril(jnp.ones((length, length), bool))
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
-        x = x + self.proj(attended.reshape(batch, length, width), outliers.get("proj"))
-        h = jax.nn.gelu(self.up(self.norm2(x), outliers.get("up")))
-        return x + self.down(h, outliers.get("down"))
+        x = x + layer("proj", attended.reshape(batch, length, width))
+        h = jax.nn.gelu(layer("up", self.norm2(x)))
+        return x + layer("down", h)
+
+
+def with_real_outliers(
+    x: jax.Array, multipliers: jax.Array | None, positions: tuple[int, ...]
+) -> jax.Array:
+    """``x`` (batch, length, channels) with its channels multiplied by ``multipliers``
+    (channels,) at the sequence ``positions`` only (``x`` itself when None)."""
+    if multipliers is None:
+        return x
+    at = jnp.zeros((x.shape[-2], 1), bool).at[jnp.asarray(positions)].set(True)
+    return x * jnp.where(at, jnp.asarray(multipliers, x.dtype), 1)
 
 
 class Decoder(nnx.Module):
@@ -150,15 +177,22 @@ class Decoder(nnx.Module):
         self.head = nnx.Linear(width, VOCAB, rngs=rngs)
 
     def __call__(
-        self, tokens: jax.Array, outliers: Mapping[str, jax.Array] | None = None
+        self,
+        tokens: jax.Array,
+        outliers: Mapping[str, jax.Array] | None = None,
+        real_outliers: Mapping[str, jax.Array] | None = None,
+        outlier_positions: tuple[int, ...] = (0,),
     ) -> jax.Array:
-        outliers = outliers or {}
         x = self.embed(tokens) + self.position.get_value()[: tokens.shape[-1]]
         for i, block in enumerate(self.blocks):
-            prefix = f"blocks/{i}/"
-            local = {k[len(prefix) :]: v for k, v in outliers.items() if k.startswith(prefix)}
-            x = block(x, local)
+            local = [_block_entries(given, f"blocks/{i}/") for given in (outliers, real_outliers)]
+            x = block(x, *local, outlier_positions)
         return self.head(self.norm(x))
+
+
+def _block_entries(given: Mapping[str, jax.Array] | None, prefix: str) -> dict[str, jax.Array]:
+    """The entries of ``given`` under ``prefix``, keyed by the rest of their path."""
+    return {k[len(prefix) :]: v for k, v in (given or {}).items() if k.startswith(prefix)}
 
 
 def layer_paths(depth: int) -> list[str]:
@@ -171,14 +205,26 @@ def layer_input_widths(width: int, mlp_width: int) -> dict[str, int]:
     return {"qkv": width, "proj": width, "up": width, "down": mlp_width}
 
 
+def layer_output_widths(width: int, mlp_width: int) -> dict[str, int]:
+    """Output width of each quantized layer kind."""
+    return {"qkv": 3 * width, "proj": width, "up": mlp_width, "down": width}
+
+
 def layer_units(params: Any) -> Any:
     """GNMR units: one per layer (kernel and bias together), named by the layer's path."""
     return units.by_regex({r"^(.*)/[^/]+$": r"\1"})(params)
 
 
-def next_byte_loss(model: Decoder, windows: jax.Array, outliers=None) -> jax.Array:
-    """Mean cross-entropy (nats per byte) of predicting ``windows[:, 1:]``."""
-    logits = model(windows[:, :-1], outliers)
+def next_byte_loss(
+    model: Decoder,
+    windows: jax.Array,
+    outliers=None,
+    real_outliers=None,
+    outlier_positions: tuple[int, ...] = (0,),
+) -> jax.Array:
+    """Mean cross-entropy (nats per byte) of predicting ``windows[:, 1:]`` (the outliers:
+    see the module docstring)."""
+    logits = model(windows[:, :-1], outliers, real_outliers, outlier_positions)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     targets = windows[:, 1:]
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))

@@ -20,6 +20,8 @@ name                        optimizer
 ``gnmr_skip``               ``gnmr_wrap`` with ``action=("skip",)``
 ``gnmr_*_budget2``          the same with ``config.gnmr_budget2`` over ``config.gnmr``
 ``gnmr_precision[_clip]``   ``gnmr_chain`` with ``action=("precision",[ "clip"])``
+``gnmr_precision_external``  ``gnmr_precision`` with ``signal="external"`` (``unit_signal``)
+``gnmr_precision_both``     ``gnmr_precision`` with ``signal=("gradient", "external")``
 ==========================  ==================================================================
 
 A study may also give plain AdamW runs names of their own (``clean`` and ``none`` in
@@ -100,6 +102,12 @@ RECIPES = {
     "gnmr_skip_budget2": Recipe(wrap="gnmr", action=("skip",), gnmr_extra="gnmr_budget2"),
     "gnmr_precision": Recipe(pre="gnmr", action=("precision",)),
     "gnmr_precision_clip": Recipe(pre="gnmr", action=("precision", "clip")),
+    "gnmr_precision_external": Recipe(
+        pre="gnmr", action=("precision",), gnmr_options=(("signal", "external"),)
+    ),
+    "gnmr_precision_both": Recipe(
+        pre="gnmr", action=("precision",), gnmr_options=(("signal", ("gradient", "external")),)
+    ),
 }
 
 
@@ -118,6 +126,14 @@ def uses_gnmr(name: str) -> bool:
     """Whether method ``name`` runs GNMR (so ``optstab.gnmr_metrics`` reads its state)."""
     recipe = RECIPES.get(name)
     return recipe is not None and "gnmr" in (recipe.pre, recipe.wrap)
+
+
+def watches_external(name: str) -> bool:
+    """Whether method ``name``'s GNMR watches an external signal, so its ``update`` needs
+    ``unit_signal={unit: value}`` (see :func:`optstab.gnmr`)."""
+    recipe = RECIPES.get(name)
+    signal = dict(recipe.gnmr_options).get("signal", "gradient") if recipe else "gradient"
+    return "external" in ((signal,) if isinstance(signal, str) else signal)
 
 
 def _group(config: ml_collections.ConfigDict, key: str) -> dict:

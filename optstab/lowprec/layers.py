@@ -22,8 +22,9 @@ the GNMR paper's): :func:`recoverable_units` is a units spec that puts each quan
 layer's parameters in one unit named by the layer's path and leaves every other
 parameter (norms, embeddings, positions: they have no low-precision path, so precision
 recovery cannot help them) out of all units; :func:`amax_signal` gives, per quantized
-layer, the input amax its quantizer saw in the latest forward pass, the forward signal
-that shows an activation-outlier burst before the gradient does::
+layer, the amax its next input scale will be computed from (the newest input amax, or
+under delayed scaling the largest in the amax history), the forward signal that shows an
+activation-outlier burst, and the scale lag after it, before the gradient does::
 
     tx = optax.chain(optstab.gnmr(signal="external", units=lowprec.recoverable_units(model),
                                   action=("precision",)), optax.adamw(1e-3))
@@ -36,7 +37,7 @@ attribute named ``high_precision`` (as :class:`QuantLinear` does); :func:`quant_
 :func:`amax_signal` reads its :class:`QuantState` named ``input_amax``.
 
 Bookkeeping that is not trained lives in :class:`QuantState` variables: the input amax
-of the last call (:func:`amax_signal`), the amax history of delayed scaling and the PRNG
+of the last call (:func:`input_amax`), the amax history of delayed scaling and the PRNG
 key of stochastic rounding (split on each call, so the same key gives the same bits).
 In a functional training step, split the model with ``nnx.split(model, nnx.Param, ...)``
 and carry the rest of the state (``QuantState`` and ``HighPrecision``) alongside the
@@ -238,36 +239,81 @@ def set_high_precision(
         layer.high_precision.set_value(value)
 
 
-def amax_signal(model: nnx.Module) -> dict[str, jax.Array]:
+def _recorded_amax(path: str, layer: nnx.Module) -> jax.Array:
+    recorded = getattr(layer, "input_amax", None)
+    if not isinstance(recorded, QuantState):
+        raise ValueError(f"layer {path!r} keeps no input_amax QuantState to read")
+    return recorded.get_value()
+
+
+def input_amax(model: nnx.Module) -> dict[str, jax.Array]:
     """``{layer_path: amax}``: each quantized layer's input amax in the latest forward pass.
 
-    The value is the largest magnitude the layer's input quantizer saw on its last call
-    (float32 scalar, no gradient), recorded in the layer's ``input_amax``
-    :class:`QuantState` by the forward pass itself, so it is traced and jit-safe: read
-    it right after the forward (or ``nnx.value_and_grad``) pass inside the same
-    ``nnx.jit`` step. Under delayed scaling it is the newest entry of the amax history
-    (except that a non-finite amax, which the history records as 0, is kept here: an
-    overflow is a signal). A layer in high precision records it too. Before the first
-    call it is 0.
+    The largest magnitude the layer's input quantizer saw on its last call (float32
+    scalar, no gradient; under fine-grained scaling the largest over its tiles), recorded
+    in the layer's ``input_amax`` :class:`QuantState` by the forward pass itself. A
+    non-finite amax is kept here (a delayed-scaling history records it as 0). A layer in
+    high precision records it too. Before the first call it is 0.
+
+    Raises:
+      ValueError: when a quantized layer keeps no ``input_amax`` state.
+    """
+    return {path: _recorded_amax(path, layer) for path, layer in quant_layers(model)}
+
+
+def amax_signal(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{layer_path: amax}``: the amax each quantized layer's next input scale comes from.
+
+    The forward signal for GNMR's precision action (``gnmr(signal="external")`` with
+    ``update(..., unit_signal=amax_signal(model))``). What a low-precision layer risks
+    under activation outliers is a scale set by a few huge values, which crushes every
+    other value onto a few grid points; what recovery removes is that scale, for the
+    forward passes it covers. So the signal is the amax from which the *next* forward
+    pass's scale is computed, read after this pass:
+
+    * current scaling (any granularity): the newest input amax (:func:`input_amax`), the
+      best guess of the next one;
+    * delayed scaling: ``max(input amax, max(amax history))``, the largest amax of the
+      history the next scale reads (this pass's amax included). When a burst of outliers
+      ends, the newest amax falls at once, but the history keeps the outliers' amax, and
+      the crushing scale, for ``history`` more calls. This signal stays raised exactly as
+      long, so a GNMR lock held while the signal is raised covers the lag too; the newest
+      amax would release the layer while its scale is still crushed.
+
+    A non-finite input amax makes the signal non-finite (an overflow is a risk, which
+    GNMR ranks first), although the history does not record it. Float32 scalars without
+    gradient, traced and jit-safe: read them right after the forward (or
+    ``nnx.value_and_grad``) pass inside the same ``nnx.jit`` step. A layer in high
+    precision keeps recording, so the signal shows the risk it would run if it dropped
+    back. Before the first call it is 0.
 
     The keys are the layer paths that :func:`recoverable_units` uses as unit names, so
     the dict is GNMR's ``unit_signal`` for a model wired with those units.
 
     Raises:
       ValueError: when a quantized layer keeps no ``input_amax`` state.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from optstab import lowprec
+      >>> config = lowprec.quant_config("int8", scale_mode="delayed", history=2)
+      >>> layer = lowprec.QuantLinear(2, 1, config=config, rngs=nnx.Rngs(0))
+      >>> for peak in (5.0, 1.0, 1.0):  # a burst, then two quiet calls
+      ...     _ = layer(jnp.array([[peak, -0.5]]))
+      ...     print(float(lowprec.input_amax(layer)[""]), float(lowprec.amax_signal(layer)[""]))
+      5.0 5.0
+      1.0 5.0
+      1.0 1.0
     """
     signal = {}
     for path, layer in quant_layers(model):
-        recorded = getattr(layer, "input_amax", None)
-        if not isinstance(recorded, QuantState):
-            raise ValueError(f"layer {path!r} keeps no input_amax QuantState to read")
-        signal[path] = recorded.get_value()
+        value = _recorded_amax(path, layer)
+        history = getattr(layer, "amax_history", None)
+        if isinstance(history, QuantState):
+            value = jnp.maximum(value, jnp.max(history.get_value()))
+        signal[path] = value
     return signal
-
-
-def input_amax(model: nnx.Module) -> dict[str, jax.Array]:
-    """``{layer_path: amax}``: the same as :func:`amax_signal` (kept for existing code)."""
-    return amax_signal(model)
 
 
 def recoverable_units(model: nnx.Module) -> Callable[[Any], Any]:

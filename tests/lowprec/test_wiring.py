@@ -198,14 +198,36 @@ def test_amax_signal_is_read_inside_an_nnx_jit_step_after_the_grad_pass():
     assert len(traces) == 1
 
 
-def test_amax_signal_is_the_newest_entry_of_the_delayed_history():
+def test_amax_signal_is_the_amax_the_next_delayed_scale_reads():
+    # Under delayed scaling the next call's scale comes from the largest amax of the last
+    # `history` calls, this one included: by hand, the max over the Spy's own records
+    # (max |input| taken outside the quantizer; a max is exact, so equality is exact).
     model = tiny(lowprec.quant_config("int8", scale_mode="delayed", history=3))
-    for scale in (1.0, 3.0):
-        model.embed.embedding.set_value(scale * model.embed.embedding.get_value())
+    norm = model.blocks[0].norm
+    base = norm.scale.get_value()
+    seen = {path: [] for path in LAYERS}
+    held = []
+    for size in (1.0, 5.0, 1.0, 1.0, 1.0):  # a one-call burst on blocks/0/up's input
+        norm.scale.set_value(size * base)
         forward(model, TOKENS)
+        signal, newest = lowprec.amax_signal(model), lowprec.input_amax(model)
         for path, layer in lowprec.quant_layers(model):
-            assert float(lowprec.amax_signal(model)[path]) == float(layer.amax_history[0])
-    assert np.all(np.asarray(model.blocks[0].up.amax_history.get_value())[:2] > 0)
+            seen[path].append(float(layer.seen.get_value()))
+            assert float(newest[path]) == seen[path][-1]
+            assert float(signal[path]) == max(seen[path][-3:])
+        held.append(float(signal["blocks/0/up"]))
+    up = seen["blocks/0/up"]
+    assert up[1] > 2 * max(up[2:])  # the burst, then quiet calls
+    # For the two calls after the burst the signal holds it (so does the scale) while the
+    # newest amax has fallen; on the third it has left the history.
+    assert held == [up[0], up[1], up[1], up[1], max(up[2:])]
+
+
+def test_amax_signal_is_the_newest_amax_under_current_scaling():
+    model = tiny(lowprec.quant_config("int8", scaling="fine_grained", block_size=4))
+    forward(model, TOKENS)
+    for path, layer in lowprec.quant_layers(model):
+        assert float(lowprec.amax_signal(model)[path]) == float(layer.seen.get_value())
 
 
 def test_amax_signal_is_zero_before_the_first_call_and_kept_when_non_finite():

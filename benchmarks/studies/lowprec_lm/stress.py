@@ -1,10 +1,11 @@
 """The stress of ``lowprec_lm``: seeded activation-outlier bursts, the per-step outlier
-vectors the quantizers see, the oracle's disturbed-layer mask, and the per-seed inputs
-(see the package docstring)."""
+vectors, the oracle's disturbed-layer mask, and the per-seed inputs of a regime (see the
+package docstring)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -24,16 +25,23 @@ class Bursts(NamedTuple):
     alpha: np.ndarray  # (T,) float32: multiplier of those channels (1 when no burst)
 
 
-def burst_schedule(config: ml_collections.ConfigDict, seed: int) -> Bursts:
-    """Seeded bursts (see the module docstring); every method of a seed sees the same ones."""
+def no_bursts(config: ml_collections.ConfigDict) -> Bursts:
+    steps, k = config.num_steps, config.burst_channels
+    return Bursts(np.full(steps, -1, np.int32), np.zeros((steps, k), np.int32),
+                  np.ones(steps, np.float32))  # fmt: skip
+
+
+def burst_schedule(config: ml_collections.ConfigDict, seed: int, layers: Sequence[str]) -> Bursts:
+    """Seeded bursts on the layer types ``layers`` (``"qkv"``, ``"proj"``, ``"up"``,
+    ``"down"``; see the package docstring); every method of a seed sees the same ones."""
+    if not layers:
+        return no_bursts(config)
     rng = np.random.default_rng([seed, 1])
     steps, k = config.num_steps, config.burst_channels
     paths = lm.layer_paths(config.depth)
     widths = lm.layer_input_widths(config.width, config.mlp_width)
-    layer = np.full(steps, -1, np.int32)
-    channels = np.zeros((steps, k), np.int32)
-    alpha = np.ones(steps, np.float32)
-    candidates = [i for i, p in enumerate(paths) if p.split("/")[-1] in config.burst_layers]
+    layer, channels, alpha = no_bursts(config)
+    candidates = [i for i, p in enumerate(paths) if p.split("/")[-1] in layers]
     t = config.burst_start
     while t < steps:
         if rng.random() >= config.burst_prob:
@@ -74,35 +82,35 @@ def oracle_mask(layer: np.ndarray, num_layers: int, lag: int) -> np.ndarray:
     return hit
 
 
-def make_inputs(config: ml_collections.ConfigDict, corpus: lm.Corpus, bursts: bool) -> dict:
-    """Per-seed batches and burst schedules, stacked over seeds (numpy)."""
+def make_inputs(
+    config: ml_collections.ConfigDict, corpus: lm.Corpus, layers: Sequence[str], real: bool
+) -> dict:
+    """Per-seed batches and burst schedules on the layer types ``layers`` (none when
+    empty), stacked over seeds (numpy). ``real``: the outliers are in the function (on
+    ``config.model_outliers.positions``), else only the quantizers see them."""
     seeds = range(config.num_seeds)
     shape = (config.num_steps, config.batch_size)
     windows = [
         lm.sample_windows(corpus.train, np.random.default_rng([s, 0]), shape, config.context + 1)
         for s in seeds
     ]
-    if bursts:
-        schedules = [burst_schedule(config, s) for s in seeds]
-    else:
-        steps, k = config.num_steps, config.burst_channels
-        none = Bursts(np.full(steps, -1, np.int32), np.zeros((steps, k), np.int32),
-                      np.ones(steps, np.float32))  # fmt: skip
-        schedules = [none for _ in seeds]
+    schedules = [burst_schedule(config, s, tuple(layers)) for s in seeds]
     layer = np.stack([b.layer for b in schedules])
     lag = config.quant.history if config.quant.scale_mode == "delayed" else 1
+    num_layers = len(lm.layer_paths(config.depth))
     return {
         "windows": np.stack(windows),
         "layer": layer,
         "channels": np.stack([b.channels for b in schedules]),
         "alpha": np.stack([b.alpha for b in schedules]),
-        "oracle": np.stack(
-            [oracle_mask(b.layer, len(lm.layer_paths(config.depth)), lag) for b in schedules]
-        ),  # fmt: skip
+        "real": np.full(layer.shape, real),
+        "oracle": np.stack([oracle_mask(b.layer, num_layers, lag) for b in schedules]),
     }
 
 
-INPUT_ORDER = ("windows", "layer", "channels", "alpha", "oracle")
+# What a training chunk takes, per seed and step: the inputs above (less the oracle) and
+# the layers whose float32 switch is forced on (set per method by the training).
+INPUT_ORDER = ("windows", "layer", "channels", "alpha", "real", "forced")
 
 
 def shard_inputs(chunk_inputs: list[np.ndarray], mesh) -> list[jax.Array]:

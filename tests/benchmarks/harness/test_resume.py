@@ -106,6 +106,7 @@ TINY_LOWPREC = [
     "--config.num_steps=40",
     "--config.methods=reference,none",
     "--config.persistent=false",
+    "--config.regimes=quantizer_outliers",
 ]
 
 
@@ -142,14 +143,14 @@ def test_sigkill_mid_training_then_same_command_resumes_bit_identically(tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
 
     checkpoints = killed / "checkpoints" / "lowprec_lm"
-    kill_mid_loop(cli(killed), checkpoints / "loop-bursts-reference")
+    kill_mid_loop(cli(killed), checkpoints / "loop-clean-reference")
     assert not (killed / "lowprec_lm.json").exists()
-    assert not (checkpoints / "stage-bursts-reference").exists()  # killed inside the loop
+    assert not (checkpoints / "stage-clean-reference").exists()  # killed inside the loop
 
     again = subprocess.run(cli(killed), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming lowprec_lm from" in again.stdout
-    assert "restored from checkpoints: bursts-reference/loop" in again.stdout
+    assert "restored from checkpoints: clean-reference/loop" in again.stdout
     assert not checkpoints.exists()  # removed once the run completed
 
     want = json.loads((whole / "lowprec_lm.json").read_text())

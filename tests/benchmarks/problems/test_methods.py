@@ -18,8 +18,11 @@ def test_every_method_builds_and_updates(name):
     method = methods.optimizer(name, config, clip_norm=1.0)
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     tx = method.transform
-    updates, _ = tx.update(params, tx.init(params), params)
+    # An external-signal GNMR needs a value per unit (one unit per leaf by default).
+    extra = {"unit_signal": {"w": 1.0, "b": 1.0}} if methods.watches_external(name) else {}
+    updates, _ = tx.update(params, tx.init(params), params, **extra)
     assert jax_tree_finite(updates)
+    assert methods.watches_external(name) == name.endswith(("_external", "_both"))
 
 
 def jax_tree_finite(tree) -> bool:
