@@ -18,6 +18,7 @@ STUDIES = (
     "bilevel_memory",
     "bilevel_mixture",
     "lowprec_lm",
+    "gnmr_calibration",
 )
 
 
