@@ -42,13 +42,13 @@ every formula and default below is ours):
   result). Its rule: on clean runs of a digits MLP and of a byte-level LM (float32
   and int8), several seeds, GNMR watching without acting, keep the bars whose
   at-risk rate is at most 0.5 per 1000 unit-updates on every problem, and of those
-  take the bars that make the smallest spike visible. On held-out clean seeds, the
-  old bars (3, 2, 1) raised about 5 false triggers per 1000 unit-updates on the
-  MLP, and each holds the single recovery slot for at least 11 updates; the
-  calibrated bars stay under 1 per 1000. A 4.5x jump is caught by GNMR alone, and
-  a climb to 3.5x-4.5x of the mean by Delta-GNMR when it is also 3x its recent
-  level. ``max_recover=1`` and ``warmup_steps=20`` are not calibrated: at these bars
-  the clean runs leave the single slot to noise only a few percent of the time
+  take the bars that make the smallest spike visible. On held-out clean seeds the
+  old bars (3, 2, 1; lock 10) raised 4.3 false triggers per 1000 unit-updates on
+  the MLP and 1.4-1.5 on the LM, the calibrated bars 0.07-0.13. The price: a jump
+  must now reach 4.5x the unit's mean (or 3.5x with a 3x climb over its recent
+  level, Delta-GNMR) to be seen, against 3x (or 2x above the mean) before.
+  ``max_recover=1`` and ``warmup_steps=20`` are not calibrated: at these bars the
+  clean runs leave the single slot to noise a few percent of the time at most
   (rate x units x lock), and a severe event preempts a unit locked on noise.
 * Default lock (ours; ``lock_steps=None``): 10 updates when the actions include
   ``"precision"``, else 1. The minimum lock covers what outlasts the event's own
