@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 STUDIES = (
+    "gnmr_calibration",
     "spike_injection",
     "overhead",
     "perturbed_sgd",

@@ -23,6 +23,9 @@ NAMES = ("a", "b", "c")
 # exact whenever the result is representable; later steps add w * (x - x) = 0).
 EPS32 = 2.0**-23
 G = 0  # the gradient's row in the (signals, units) statistics
+# The bars the hand computations below assume (the defaults before issue 15's
+# calibration), named so that the tests do not move with the library's defaults.
+BARS = dict(threshold=3.0, delta_threshold=2.0, delta_gate=1.0)
 
 
 def grads_with(scale_a=1.0, scale_b=1.0, scale_c=1.0):
@@ -89,7 +92,7 @@ def test_clip_bounds_only_the_spiking_unit():
 
 def test_delta_gnmr_catches_a_fast_climb_below_the_gnmr_bar():
     grads = [grads_with()] * 30 + [grads_with(scale_b=2.5)]
-    _, states = run(optstab.gnmr(warmup_steps=5, action="clip"), grads)
+    _, states = run(optstab.gnmr(warmup_steps=5, action="clip", **BARS), grads)
     # GNMR = Delta-GNMR = ||2.5 ones(3)|| / ||ones(3)|| = 2.5 (both means hold exactly
     # sqrt(3) in float32): two sqrt and a division, 3 roundings, rtol 2 * EPS32.
     np.testing.assert_allclose(states[-1].telemetry.gnmr[G, 1], 2.5, rtol=2 * EPS32)  # below 3
@@ -97,8 +100,32 @@ def test_delta_gnmr_catches_a_fast_climb_below_the_gnmr_bar():
         states[-1].telemetry.delta_gnmr[G, 1], 2.5, rtol=2 * EPS32
     )  # above 2
     assert bool(states[-1].telemetry.recovering[1])
-    _, states = run(optstab.gnmr(warmup_steps=5, delta_threshold=None, action="clip"), grads)
+    no_delta = {**BARS, "delta_threshold": None}
+    _, states = run(optstab.gnmr(warmup_steps=5, action="clip", **no_delta), grads)
     assert not bool(states[-1].telemetry.recovering[1])
+
+
+def test_delta_gate_sets_how_far_above_its_mean_a_climb_must_be():
+    # b steps from 1 to 1.8 times its constant norm: GNMR = Delta-GNMR = 1.8 (means
+    # exact as above; two sqrt and a division: rtol 2 * EPS32, far from every bar).
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[grads_with()] * 30, grads_with(scale_b=1.8))
+    bars = dict(warmup_steps=5, threshold=3.0, delta_threshold=1.5, action="clip")
+
+    @jax.jit
+    def last_telemetry(gate):  # the gate traced: one compilation for every value
+        tx = optstab.gnmr(delta_gate=gate, **bars)
+        step = lambda state, g: (tx.update(g, state)[1], None)
+        return jax.lax.scan(step, tx.init(PARAMS), grads)[0].telemetry
+
+    for gate, at_risk in ((1.0, True), (1.5, True), (2.0, False), (0.0, True)):
+        last = last_telemetry(jnp.float32(gate))
+        assert bool(last.recovering[1]) is at_risk, gate
+        # Score: Delta-GNMR / 1.5 = 1.2 when the gate is open, else GNMR / 3 = 0.6.
+        np.testing.assert_allclose(last.score[1], 1.2 if at_risk else 0.6, rtol=3 * EPS32)
+    with pytest.raises(ValueError, match="delta_gate"):
+        optstab.gnmr(delta_gate=-0.5)
+    with pytest.raises(ValueError, match="delta_gate"):
+        optstab.gnmr_wrap(optax.sgd(0.1), delta_gate=-0.5)
 
 
 def test_statistics_freeze_while_recovering():
@@ -153,7 +180,7 @@ def test_skip_in_wrapper_freezes_the_units_inner_state_exactly():
 
 
 def test_reset_zeroes_the_units_moments_when_it_enters_recovery():
-    tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=3, action=("clip", "reset"))
+    tx = optstab.gnmr_wrap(optax.adam(0.1), warmup_steps=3, action=("clip", "reset"), **BARS)
     grads = [grads_with()] * 4 + [grads_with(scale_c=30.0)]
     _, states = run(tx, grads)
     inner = states[-1].inner[0]
@@ -275,7 +302,7 @@ def test_vmapped_states_give_batched_masks():
 def test_stacked_units_split_a_leaf_along_axis_0():
     params = {"layers": {"w": jnp.ones((3, 2, 2)), "b": jnp.ones((3, 2))}, "head": jnp.ones(2)}
     units = optstab.units.stacked(r"^layers/", optstab.units.by_depth(1))
-    tx = optstab.gnmr(warmup_steps=2, action="clip", units=units)
+    tx = optstab.gnmr(warmup_steps=2, action="clip", units=units, **BARS)
     spike = jax.tree.map(jnp.ones_like, params)
     spike["layers"]["w"] = spike["layers"]["w"].at[1].multiply(100.0)
     grads = [jax.tree.map(jnp.ones_like, params)] * 3 + [spike]
@@ -348,7 +375,7 @@ def test_budget_is_never_exceeded_and_preemption_takes_only_far_stronger_scores(
         score = np.asarray(state.telemetry.score)
         # The score is the documented one: a division and a max, 1 rounding apart at
         # most (a division by a constant may be compiled as a reciprocal product).
-        np.testing.assert_allclose(score, _documented_score(state, 3.0, 2.0), rtol=2 * EPS32)
+        np.testing.assert_allclose(score, _documented_score(state, **BARS), rtol=2 * EPS32)
         entered = recovering & ~locked_before
         preempted = locked_before & ~recovering
         survivors = locked_before & recovering
@@ -372,13 +399,13 @@ def test_budget_is_never_exceeded_and_preemption_takes_only_far_stronger_scores(
         assert int(state.telemetry.preempted) >= preempted.sum()
 
 
-def _documented_score(state, threshold, delta_threshold):
+def _documented_score(state, threshold, delta_threshold, delta_gate):
     """The module docstring's ranking score, in float32 like the controller:
     ``max(GNMR / threshold, Delta-GNMR / delta_threshold)``, the second term only
-    while ``GNMR > 1``; inf for a non-finite norm."""
+    while ``GNMR > delta_gate``; inf for a non-finite norm."""
     gnmr = np.asarray(state.telemetry.gnmr[G], np.float32)
     delta = np.asarray(state.telemetry.delta_gnmr[G], np.float32)
-    climbing = gnmr > np.float32(1.0)
+    climbing = gnmr > np.float32(delta_gate)
     delta_term = np.where(climbing, delta / np.float32(delta_threshold), np.float32(0.0))
     score = np.maximum(gnmr / np.float32(threshold), delta_term)
     return np.where(np.isfinite(np.asarray(state.telemetry.norm)), score, np.inf)
@@ -394,8 +421,9 @@ def _storm_step(static_budget):
 
         def step(grads, state, max_recover, lock, factor):
             tx = optstab.gnmr(
-                warmup_steps=2, max_recover=max_recover, lock_steps=lock, preempt_factor=factor
-            )
+                warmup_steps=2, max_recover=max_recover, lock_steps=lock, preempt_factor=factor,
+                **BARS,
+            )  # fmt: skip
             return tx.update(grads, state)[1]
 
         static = (2,) if static_budget else ()
@@ -424,7 +452,7 @@ def test_state_fields_have_declared_dtypes():
 
 
 def test_a_denied_spike_raises_the_baseline_by_a_bounded_factor():
-    tx = optstab.gnmr(max_recover=0, warmup_steps=3, action="clip")
+    tx = optstab.gnmr(max_recover=0, warmup_steps=3, action="clip", **BARS)
     grads = [grads_with()] * 30 + [grads_with(scale_a=1000.0)]
     _, states = run(tx, grads)
     before, after = float(states[-2].control.mean[G, 0]), float(states[-1].control.mean[G, 0])
@@ -554,7 +582,7 @@ def test_delta_gnmr_ignores_a_rise_back_to_the_normal_level():
     # Long history at 1, two small norms, then 0.9: a ~3x rise against the short
     # signal but no rise above the unit's mean, so no trigger.
     norms = [1.0] * 30 + [0.1, 0.1, 0.9]
-    _, states = run(optstab.gnmr(warmup_steps=5), [grads_with(scale_b=x) for x in norms])
+    _, states = run(optstab.gnmr(warmup_steps=5, **BARS), [grads_with(scale_b=x) for x in norms])
     # Float64 hand computation of both bias-corrected EMAs (no norm here is capped).
     mean, short = 0.0, 0.0
     for k, x in enumerate(norms[:-1], start=1):
@@ -620,7 +648,7 @@ def test_complex_units_are_measured_by_modulus_and_clipped_in_phase():
     # Only the imaginary part spikes: a norm of the real parts alone would not move.
     spike = {"r": jnp.ones(3), "z": jnp.array([1 + 200j, 2 - 1j], jnp.complex64)}
     grads = [normal] * 4 + [spike]
-    updates, states = run(optstab.gnmr(warmup_steps=3, action="clip"), grads, params)
+    updates, states = run(optstab.gnmr(warmup_steps=3, action="clip", **BARS), grads, params)
     # Hand computation in float64: ||z|| = sqrt(1 + 4 + 4 + 1) before the spike.
     z = np.asarray(spike["z"], np.complex128)
     mean = np.sqrt(10.0)

@@ -23,6 +23,9 @@ def per_seed(out: dict, config: ml_collections.ConfigDict) -> dict:
     def curve_sum(key):
         return out["curves"][key].sum(axis=1) if key in out["curves"] else None
 
+    def curve_sum_before(key, step):
+        return out["curves"][key][:, :step].sum(axis=1) if key in out["curves"] else None
+
     diverged = ~out["finite"] | ~(
         out["test_loss"] <= config.divergence_factor * out["init_test_loss"]
     )
@@ -35,6 +38,9 @@ def per_seed(out: dict, config: ml_collections.ConfigDict) -> dict:
         "spikes_caught": curve_sum("caught"),
         "acted_unit_steps": curve_sum("acted"),
         "false_triggers": curve_sum("false_triggers"),
+        "false_triggers_before_spikes": curve_sum_before("false_triggers", config.spike_start),
+        "capped_steps": curve_sum("capped"),
+        "caught_when_capped": curve_sum("caught_when_capped"),
     }
     for key, value in out["counters"].items():
         seeds["recovered_unit_steps" if key == "recovered_steps" else key] = value
@@ -63,6 +69,9 @@ def summarize_method(seeds: dict) -> dict:
         "spikes_caught": total("spikes_caught"),
         "acted_unit_steps": total("acted_unit_steps"),
         "false_triggers": total("false_triggers"),
+        "false_triggers_before_spikes": total("false_triggers_before_spikes"),
+        "capped_steps": total("capped_steps"),
+        "caught_when_capped": total("caught_when_capped"),
     }
     for key in ("recovered_unit_steps", "triggers", "denied", "nonfinite", *COUNTER_FIELDS[4:]):
         summary[key] = total(key)
@@ -98,22 +107,47 @@ def clip_norm_from_clean(out: dict, config: ml_collections.ConfigDict) -> float:
 
 
 def table(result: dict) -> str:
-    """The one-screen summary: one row per method, then the goal checks."""
-    summary = result["summary"]
-    num_seeds = result["config"]["num_seeds"]
+    """The one-screen summary: one row per method, notes, then the goal checks."""
+    summary, config = result["summary"], result["config"]
+    num_seeds = config["num_seeds"]
     headers = ["method", "test_acc", "test_loss", "diverged", "injected", "caught", "acted_u_steps",
-               "recovered_u_steps", "triggers", "false_trig", "denied"]  # fmt: skip
+               "recovered_u_steps", "triggers", "false_trig", "fp_pre", "denied",
+               "preempted"]  # fmt: skip
     rows = [
         [name, m["test_acc"], m["test_loss"], f"{m['diverged']}/{num_seeds}",
          m["spikes_injected"], m["spikes_caught"], m["acted_unit_steps"],
-         m["recovered_unit_steps"], m["triggers"], m["false_triggers"], m["denied"]]
+         m["recovered_unit_steps"], m["triggers"], m["false_triggers"],
+         m.get("false_triggers_before_spikes"), m["denied"], m.get("preempted")]
         for name, m in ((n, summary["methods"][n]) for n in reporting.ordered(summary["methods"]))
     ]  # fmt: skip
+    gnmr = dict(config["gnmr"])
+    if gnmr.get("lock_steps") is None:
+        gnmr["lock_steps"] = "None (1 for clip and skip)"
+    notes = [
+        "GNMR rows at the library defaults (threshold {threshold:g}, delta_threshold "
+        "{delta_threshold:g}, delta_gate {delta_gate:g}, max_recover {max_recover}, "
+        "lock_steps {lock_steps}); fp_pre: false triggers before spike_start".format(**gnmr)
+    ]
+    budget2 = [name for name in summary["methods"] if name.endswith("_budget2")]
+    if budget2:
+        extra = config.get("gnmr_budget2", {})
+        notes.append(
+            f"{', '.join(budget2)}: NOT defaults, a budget sized to the stress "
+            f"({', '.join(f'{k} {v}' for k, v in extra.items())})"
+        )
+    for name, m in summary["methods"].items():
+        if m.get("capped_steps") is not None:
+            notes.append(
+                f"{name}: its max_norm cap set the bound on {m['capped_steps']} steps (acted "
+                f"counts them); {m['caught_when_capped']} of its {m['spikes_caught']} caught "
+                "spikes were caught on such a step"
+            )
     return reporting.report(
         f"median over {num_seeds} seeds; spike counts summed over seeds; "
         f"clip_by_global_norm c = {reporting.format_value(summary['clip_norm'])}",
         headers,
         rows,
+        *notes,
         goal=summary["goal"],
     )
 

@@ -22,7 +22,9 @@ COUNTER_FIELDS = (
     "denied",
     "nonfinite",
     "recovered_steps",
+    "preempted",
     "num_clipped",
+    "num_capped",
     "num_warmup_clipped",
     "num_resets",
     "num_skipped",
@@ -87,16 +89,37 @@ def counters(state: Any) -> dict[str, jax.Array]:
     return found
 
 
-def make_train(name: str, config: ml_collections.ConfigDict, clip: float, mesh=None):
+def capped_now(old_state: Any, new_state: Any) -> jax.Array | None:
+    """Whether a ``max_norm`` cap (ZClip's) set the bound of the update just made;
+    ``None`` for a method without one."""
+    before, after = counters(old_state), counters(new_state)
+    if "num_capped" not in after:
+        return None
+    return after["num_capped"] > before["num_capped"]
+
+
+def make_train(
+    name: str, config: ml_collections.ConfigDict, clip: float, mesh=None, gnmr_over=None
+):
     """A jitted function of the per-seed setup (vmapped) that trains method ``name``.
 
-    With a ``mesh``, each step's minibatch is split over its ``data`` axis.
+    With a ``mesh``, each step's minibatch is split over its ``data`` axis. With
+    ``gnmr_over`` (a list of dicts of GNMR options, laid over ``config.gnmr``), the
+    function also takes them, stacked, as its last argument and trains once for each
+    (vmapped: one compilation; outputs lead with that axis).
     """
-    method = methods.optimizer(name, config, roles=ROLES, clip_norm=clip)
     inject_spikes = name != "clean"
     gnmr = methods.uses_gnmr(name)
 
-    def train_one(setup, x_train, y_train, x_test, y_test):
+    def method_for(options):
+        if options is None:
+            return methods.optimizer(name, config, roles=ROLES, clip_norm=clip)
+        laid = config.copy_and_resolve_references()
+        laid.gnmr = ml_collections.ConfigDict({**config.get("gnmr", {}), **options})
+        return methods.optimizer(name, laid, roles=ROLES, clip_norm=clip)
+
+    def train_one(setup, x_train, y_train, x_test, y_test, options=None):
+        method = method_for(options)
         params, schedule = setup["params"], setup["schedule"]
         names = optstab.tree.leaf_names(params)
         pre_state = None if method.pre is None else method.pre.init(params)
@@ -118,6 +141,10 @@ def make_train(name: str, config: ml_collections.ConfigDict, clip: float, mesh=N
             if acted is not None:
                 out["caught"] = event & acted[schedule["unit"][t]]
                 out["acted"] = jnp.sum(acted.astype(jnp.int32))
+            capped = capped_now(opt_state, new_state)
+            if capped is not None:  # ZClip: its max_norm cap set this step's bound
+                out["capped"] = capped
+                out["caught_when_capped"] = out["caught"] & capped
             if gnmr:  # entries into recovery on a unit that was not hit
                 hit = event & (jnp.arange(len(names)) == schedule["unit"][t])
                 was_locked = unit_vector(optstab.gnmr_metrics(opt_state)["lock"], names)
@@ -141,20 +168,26 @@ def make_train(name: str, config: ml_collections.ConfigDict, clip: float, mesh=N
             "counters": counters(opt_state),
         }
 
-    return jax.jit(jax.vmap(train_one, in_axes=(0, None, None, None, None)))
+    if gnmr_over is None:
+        return jax.jit(jax.vmap(train_one, in_axes=(0, None, None, None, None)))
+    over_seeds = jax.vmap(train_one, in_axes=(0, None, None, None, None, None))
+    return jax.jit(jax.vmap(over_seeds, in_axes=(None, None, None, None, None, 0)))
 
 
-def seed_keys(config: ml_collections.ConfigDict) -> jax.Array:
-    """One key per seed; seed s's key depends only on ``config.seed`` and s."""
-    base = jax.random.key(config.seed)
-    return jnp.stack([jax.random.fold_in(base, s) for s in range(config.num_seeds)])
+def seed_keys(base_seed: int, num_seeds: int) -> jax.Array:
+    """One key per seed; seed s's key depends only on ``base_seed`` and s."""
+    base = jax.random.key(base_seed)
+    return jnp.stack([jax.random.fold_in(base, s) for s in range(num_seeds)])
 
 
-def make_setup(config: ml_collections.ConfigDict, split: data.Split) -> dict:
+def make_setup(
+    config: ml_collections.ConfigDict, split: data.Split, keys: jax.Array | None = None
+) -> dict:
     """What every method shares within a seed, stacked over seeds on axis 0.
 
-    From seed s's key alone: the initial parameters, the minibatch indices of every
-    step (sampled with replacement) and the spike schedule.
+    From seed s's key alone (``keys``, default ``seed_keys(config.seed,
+    config.num_seeds)``): the initial parameters, the minibatch indices of every step
+    (sampled with replacement) and the spike schedule.
     """
     sizes = (split.num_features, *config.hidden, split.num_classes)
     n_train = split.x_train.shape[0]
@@ -169,17 +202,24 @@ def make_setup(config: ml_collections.ConfigDict, split: data.Split) -> dict:
         schedule = stress.spike_schedule(spike_key, leaf_sizes, config)
         return {"params": params, "batches": batches, "schedule": schedule}
 
-    return jax.jit(jax.vmap(setup))(seed_keys(config))
+    keys = seed_keys(config.seed, config.num_seeds) if keys is None else keys
+    return jax.jit(jax.vmap(setup))(keys)
 
 
-def train_method(name, config, split: data.Split, setup: dict, clip: float, mesh=None) -> dict:
+def train_method(
+    name, config, split: data.Split, setup: dict, clip: float, mesh=None, gnmr_over=None
+) -> dict:
     """Trains ``name`` on every seed (a checkpointable stage): numpy outputs, and the
     compile and run seconds.
 
     With a ``mesh`` the data are replicated on its devices (``setup`` is placed by the
-    caller) and each step's minibatch is sharded over its ``data`` axis.
+    caller) and each step's minibatch is sharded over its ``data`` axis. ``gnmr_over``:
+    see :func:`make_train` (the outputs then lead with one entry per options dict).
     """
-    train = make_train(name, config, clip, mesh)
+    train = make_train(name, config, clip, mesh, gnmr_over)
     data_args = parallel.replicate((split.x_train, split.y_train, split.x_test, split.y_test), mesh)
+    if gnmr_over is not None:
+        stacked = {k: jnp.asarray([o[k] for o in gnmr_over], jnp.float32) for k in gnmr_over[0]}
+        data_args = (*data_args, parallel.replicate(stacked, mesh))
     out, compile_s, run_s = measure.compile_and_run(train, setup, *data_args)
     return {"out": out, "compile_s": compile_s, "run_s": run_s}
