@@ -253,7 +253,9 @@ PALETTE = {
     "gnmr_clip_budget2": "#393b79",
     "gnmr_skip_budget2": "#6b6ecf",
     "gnmr_amax": "#e377c2",
+    "gnmr_precision_external": "#e377c2",  # the registry's name of lowprec_lm's gnmr_amax
     "gnmr_both": "#9edae5",
+    "gnmr_precision_both": "#9edae5",
     # bilevel solvers (BROS by rank; a naive variant takes its rank's colour, dashed)
     "soba": "#ff7f0e",
     "ma_soba": "#1f77b4",

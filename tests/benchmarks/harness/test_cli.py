@@ -28,14 +28,14 @@ def test_overrides_reach_nested_fields_with_the_field_types():
         "--config",
         "quick",
         "--config.num_steps=40",
-        "--config.gnmr.lock_steps",
+        "--config.gnmr.warmup_steps",
         "56",
         "--config.methods=reference,none",
         "--config.burst_length=(3, 5)",
         "--config.persistent=false",
         "--config.burst_prob=0.25",
     )
-    assert config.num_steps == 40 and config.gnmr.lock_steps == 56
+    assert config.num_steps == 40 and config.gnmr.warmup_steps == 56
     assert config.methods == ("reference", "none") and config.burst_length == (3, 5)
     assert config.persistent is False and config.burst_prob == 0.25
     assert config.size == "quick"

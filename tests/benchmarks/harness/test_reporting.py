@@ -25,7 +25,9 @@ def test_every_registry_method_has_its_own_colour_and_place():
     # except where one role has two names in two studies (gnmr_chain and gnmr_clip are
     # both "GNMR chained before AdamW").
     roles = {"gnmr_chain": "gnmr_clip", "gnmr_precision": "gnmr_clip",
-             "gnmr_wrap": "gnmr_skip", "gnmr_precision_clip": "gnmr_skip"}  # fmt: skip
+             "gnmr_wrap": "gnmr_skip", "gnmr_precision_clip": "gnmr_skip",
+             "gnmr_precision_external": "gnmr_amax",
+             "gnmr_precision_both": "gnmr_both"}  # fmt: skip
     distinct = {roles.get(name, name) for name in names}
     assert len(set(colours)) == len(distinct)
     assert reporting.ordered(list(reversed(names))) == [n for n in reporting.PALETTE if n in names]
