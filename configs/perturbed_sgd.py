@@ -10,7 +10,12 @@ in which the measured values were visible; none was changed afterwards to move a
 pass/fail. Changes made after the first full study run, and why: statement 4's
 criterion (see the study's docstring), the number of data orders averaged in
 statement 5 (``rate_seeds``, noise), and the quick sweep's ``threshold_steps`` (1500 ->
-1000, run time; no statement changed outcome).
+1000, run time; no statement changed outcome). Later (issue 17): statement 0 now times
+idle points (not named, so not built) instead of points named at size 0, which the
+library now builds only when named; statement 7b's expectation, written for a
+systematic error, was replaced by the threshold derived for zero-mean noise (the
+study's docstring), judged in the issue's factor-2 window, with no setting of the sweep
+changed.
 """
 
 from __future__ import annotations
@@ -121,11 +126,8 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.recovery_r2 = 0.95  # statement 6
     c.recovery_slope_ratio = (0.8, 1.25)  # statement 6: fitted / predicted
     c.threshold_range = (0.5, 2.0)  # statement 7a: relative error at the break
-    # Statement 7b: every run that failed had an rms relative error >= eps* / this.
-    # 1, no slack: eps* = sqrt(2 / (eta L) - 1) is a sufficient condition for expected
-    # descent (the descent lemma), so the claim is one-sided, and each run's rms error
-    # is what that run met (no sampling error to allow for). L comes from power
-    # iteration, whose Rayleigh quotient never exceeds the largest eigenvalue: an
-    # inexact L can only raise eps*, so the check errs toward FAIL, never toward pass.
-    c.threshold_bound_tolerance = 1.0
+    # Statement 7b: the first failing rms relative error over the predicted eps*: the
+    # factor-2 window the issue gave the old criterion, kept as it was (the measured
+    # ratio, about 16 at quick size, was known when it was chosen and fails it).
+    c.prediction_ratio_range = (0.5, 2.0)
     return c

@@ -133,7 +133,7 @@ def plot(result: dict, path) -> Any:
         if "prediction" in thr:
             eps_star = thr["prediction"]["predicted_error"]
             ax.axvline(eps_star, color="tab:green", lw=0.8, ls="--",
-                       label=f"7b bound eps* = sqrt(2/(eta L) - 1) = {eps_star:.2f}")  # fmt: skip
+                       label=f"7b prediction eps* = {eps_star:.2f}")  # fmt: skip
         ax.axhline(result["config"]["stall_fraction"], color="tab:red", lw=0.6, ls="--")
         ax.set_xscale("log")
         ax.set_xlabel("relative gradient error ||g_hat - g|| / ||g|| over steps")

@@ -3,6 +3,7 @@ divergence threshold), the example curves, and the cost of idle perturbation poi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -350,6 +351,14 @@ def example_run(config, x, y, mesh=None) -> dict:
     return out
 
 
+def program_text(compiled) -> str:
+    """The optimized HLO of a compiled function without its module name and source
+    locations (which name the Python lines that built it)."""
+    lines = compiled.as_text().splitlines()
+    kept = [line for line in lines if not re.match(r"HloModule |\d+ \{file_name_id=", line)]
+    return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(kept))
+
+
 def zero_scale_cost(config, x, y, mesh=None) -> dict:
     """Statement 0: idle perturbation points cost nothing.
 
@@ -358,7 +367,8 @@ def zero_scale_cost(config, x, y, mesh=None) -> dict:
     names no point (``Perturbation().injection``: its ``2N`` points are idle, so none is
     built), medians of interleaved rounds after compilation, as a ratio to the step
     without points in the same run. Bits: ``bit_steps`` steps of each from the same
-    parameters give the same parameters bit for bit.
+    parameters give the same parameters bit for bit. Also reported: whether the two
+    compile to the same optimized program (source locations aside).
 
     Extra information, not idle points: the same step with every point *named* at a
     traced size 0 (each point built, an exact identity behind a ``lax.cond``; its bits
@@ -407,6 +417,7 @@ def zero_scale_cost(config, x, y, mesh=None) -> dict:
         np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
         for a, b in zip(after_steps("idle"), after_steps("no_points"), strict=True)
     )
+    same_program = program_text(steps["idle"]) == program_text(steps["no_points"])
 
     @jax.jit
     def points_return_input(sizes):
@@ -426,5 +437,6 @@ def zero_scale_cost(config, x, y, mesh=None) -> dict:
         "time_ratio_named_0": medians["named_0"] / medians["no_points"],
         "time_ratio_named_small": medians["named_small"] / medians["no_points"],
         "idle_same_bits": bool(same_bits),
+        "idle_same_program": bool(same_program),
         "named_0_identity_bits": bool(points_return_input(zeros)),
     }
