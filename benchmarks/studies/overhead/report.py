@@ -205,12 +205,13 @@ def _ratio_bars(ax, s: dict, title: str, goal: float | None = None) -> None:
 
 def _sweep_lines(ax, s: dict, key: str, xlabel: str, title: str) -> None:
     x = np.asarray(s[key], float)
-    for name in reporting.ordered(s["time_ratio"]):
-        if name == REFERENCE:
-            continue
+    names = [n for n in reporting.ordered(s["time_ratio"]) if n != REFERENCE]
+    # One marker per method: GNMR's variants share a palette colour.
+    for name, marker in zip(names, "o^Dvsp", strict=False):
         color = reporting.color(name)
-        ax.plot(x, s["time_ratio"][name], "o-", color=color, label=f"{name}: time")
-        ax.plot(x, s["memory_ratio"][name], "s--", color=color, lw=0.8, label=f"{name}: memory")
+        ax.plot(x, s["time_ratio"][name], marker + "-", color=color, label=f"{name}: time")
+        ax.plot(x, s["memory_ratio"][name], marker + "--", color=color, lw=0.8, mfc="none",
+                label=f"{name}: memory")  # fmt: skip
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
