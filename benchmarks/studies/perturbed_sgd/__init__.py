@@ -75,8 +75,10 @@ Statements (sizes, steps and pass criteria are in ``configs/perturbed_sgd.py``).
    eta (g.Hg / g.g + kappa eps^2) / 2)``, so with ``kappa`` near 0 or below (the error
    lies in flat directions) the noise adds no loss at second order, the bound with
    ``L`` is loose, and the runs fail only where large, heavy-tailed kicks to the first
-   blocks leave the quadratic model (measured at quick size: ``kappa / L`` about
-   -0.01, first failure at about 16 ``eps*``: the statement fails).
+   blocks leave the quadratic model. Measured: ``kappa / L`` about -0.01 at both
+   sizes; the first failing size's rms error is 16 ``eps*`` at quick size (the last
+   size that held: 6.3) and 5.7 at full size (last held: 1.8, the sweep is coarse
+   there): the statement fails.
 
 Every run uses ``optstab.perturb``: the operators, ``Composite``, ``jacobian_norms`` and
 ``run_sgd`` (paired clean and perturbed runs sharing data order).
