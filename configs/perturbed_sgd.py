@@ -10,7 +10,12 @@ in which the measured values were visible; none was changed afterwards to move a
 pass/fail. Changes made after the first full study run, and why: statement 4's
 criterion (see the study's docstring), the number of data orders averaged in
 statement 5 (``rate_seeds``, noise), and the quick sweep's ``threshold_steps`` (1500 ->
-1000, run time; no statement changed outcome).
+1000, run time; no statement changed outcome). Later (issue 17): statement 0 now times
+idle points (not named, so not built) instead of points named at size 0, which the
+library now builds only when named; statement 7b's expectation, written for a
+systematic error, was replaced by the threshold derived for zero-mean noise (the
+study's docstring), judged in the issue's factor-2 window, with no setting of the sweep
+changed.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
         c.plateau_sizes, c.plateau_window = (0.1, 0.4), 20
         c.spike_steps, c.spike_t0, c.spike_sizes = 200, 20, (1.0, 10.0, 100.0)
         c.threshold_steps, c.threshold_sizes = 60, (0.5, 2.0)
-        c.timing_repeats = 3
+        c.power_iterations, c.curvature_draws = 20, 2
+        c.timing_repeats, c.bit_steps = 3, 2
         return c
     c = new_config(size)
     quick = size == "quick"
@@ -95,22 +101,33 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.threshold_steps = 1000 if quick else 5000
     c.threshold_sizes = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
     c.stall_fraction = 0.5  # stalled: less than half of the clean run's loss decrease made
+    # Statement 7b's prediction: power iterations on Hessian-vector products (the full
+    # training objective, 4.7k / 8.4k parameters at quick / full), and noise draws for
+    # the curvature along the gradient error.
+    c.power_iterations = 300
+    c.curvature_draws = 4
 
     # Example run for the loss-curve plot: Poisson spikes on the tanh chain.
     c.example_rate = 0.01
     c.example_size = 30.0
     c.example_duration = 3
 
-    # Statement 0: timed rounds of the full-batch step (medians after compilation).
+    # Statement 0: timed rounds of the full-batch step (medians after compilation), and
+    # the steps run from the same parameters with and without idle points (bits).
     c.timing_repeats = 100 if quick else 500
+    c.bit_steps = 5
 
     # Pass criteria of the statements.
-    c.zero_cost_ratio = 1.05  # statement 0: step time with size-0 points / without
+    c.zero_cost_ratio = 1.05  # statement 0: step time with idle points / without
     c.bound_tolerance = 1e-3  # statement 1: measured / bound <= 1 + this
     c.linearity_slope = (0.95, 1.05)  # statement 3
     c.rate_slope_gap = 0.2  # statement 5: |slope(decaying) - slope(clean)|
     c.plateau_exponent = (1.6, 2.4)  # statement 5
     c.recovery_r2 = 0.95  # statement 6
     c.recovery_slope_ratio = (0.8, 1.25)  # statement 6: fitted / predicted
-    c.threshold_range = (0.5, 2.0)  # statement 7: relative error at the break
+    c.threshold_range = (0.5, 2.0)  # statement 7a: relative error at the break
+    # Statement 7b: the first failing rms relative error over the predicted eps*: the
+    # factor-2 window the issue gave the old criterion, kept as it was (the measured
+    # ratio, about 16 at quick size, was known when it was chosen and fails it).
+    c.prediction_ratio_range = (0.5, 2.0)
     return c

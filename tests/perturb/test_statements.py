@@ -1,5 +1,5 @@
 """The study statements of the perturbed forward-backward SGD lab, one test each, on
-tiny problems (the full study is benchmarks/perturbed_sgd.py).
+tiny problems (the full study is benchmarks/studies/perturbed_sgd/).
 
 1. A backward perturbation at operator k changes only the gradients of blocks 1..k,
    each by at most M_j * prod_{i=j+1..k} L_i * ||xi||.

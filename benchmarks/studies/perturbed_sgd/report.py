@@ -122,14 +122,21 @@ def plot(result: dict, path) -> Any:
     ax = axes[1, 1]
     if "threshold" in raw:
         thr = raw["threshold"]
-        for kind, marker in (("systematic", "o"), ("random", "s")):
-            err = np.asarray(thr[kind]["relative_error"], float)
+        curves = (("systematic", "relative_error", "o-", "systematic (7a, median)"),
+                  ("random", "relative_error", "s-", "random (median)"),
+                  ("random", "rms_relative_error", "s--", "random (7b, rms)"))  # fmt: skip
+        for kind, field, style, label in curves:
+            err = np.asarray(thr[kind][field], float)
             progress = np.clip(np.asarray(thr[kind]["progress"], float), -0.5, 1.5)
-            ax.plot(err, progress, marker + "-", label=kind)
+            ax.plot(err, progress, style, label=label)
         ax.axvline(1.0, color="k", lw=0.6, ls=":")
+        if "prediction" in thr:
+            eps_star = thr["prediction"]["predicted_error"]
+            ax.axvline(eps_star, color="tab:green", lw=0.8, ls="--",
+                       label=f"7b prediction eps* = {eps_star:.2f}")  # fmt: skip
         ax.axhline(result["config"]["stall_fraction"], color="tab:red", lw=0.6, ls="--")
         ax.set_xscale("log")
-        ax.set_xlabel("median relative gradient error ||g_hat - g|| / ||g||")
+        ax.set_xlabel("relative gradient error ||g_hat - g|| / ||g|| over steps")
         ax.set_ylabel("progress (1 = clean run's loss decrease)")
         ax.set_title("persistent perturbation sweep (statement 7)")
         ax.legend(fontsize=7)

@@ -3,6 +3,7 @@ divergence threshold), the example curves, and the cost of idle perturbation poi
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -141,7 +142,12 @@ def recovery(config, x, y, mesh=None) -> dict:
 
 
 def threshold(config, x, y, mesh=None) -> dict:
-    """Statement 7: persistent backward perturbation, systematic and random, size sweep."""
+    """Statement 7: persistent backward perturbation, systematic and random, size sweep.
+
+    Per kind and size (seeds as rows): the outcome, the median and the root mean square
+    over steps of the relative gradient error, and progress. For the random kind, also
+    the curvature figures of statement 7b's prediction (:func:`smoothness_prediction`).
+    """
     n = config.num_operators
     body = [perturb.dense(30, "tanh") for _ in range(n - 1)]
     sizes = jnp.asarray(config.threshold_sizes, jnp.float32)
@@ -176,14 +182,17 @@ def threshold(config, x, y, mesh=None) -> dict:
             return (
                 result.outcome,
                 jnp.median(trace.relative_grad_error),
+                jnp.sqrt(jnp.mean(jnp.square(trace.relative_grad_error))),
                 trace.loss[-1],
                 trace.loss_clean[-1],
                 trace.loss[0],
+                result.params_clean,
             )
 
         keys = seed_keys(config)
         sweep = jax.jit(jax.vmap(jax.vmap(run, (None, 0)), (0, None)))
-        outcome, rel_err, final, clean_final, initial = (np.asarray(v) for v in sweep(sizes, keys))
+        *found, params_clean = sweep(sizes, keys)
+        outcome, rel_err, rms_err, final, clean_final, initial = (np.asarray(v) for v in found)
         progress = (initial - final) / (initial - clean_final)
         failed = (
             (outcome == perturb.DIVERGED)
@@ -192,16 +201,110 @@ def threshold(config, x, y, mesh=None) -> dict:
         )
         failed_all = failed.all(axis=1)  # per size: every seed stalled or diverged
         median_err = np.median(rel_err, axis=1)
+        median_rms = np.median(rms_err, axis=1)
         first = int(np.argmax(failed_all)) if failed_all.any() else None
         out[kind] = {
             "relative_error": median_err.tolist(),
+            "rms_relative_error": median_rms.tolist(),
+            "rms_per_run": rms_err,  # (sizes, seeds)
+            "failed_per_run": failed,  # (sizes, seeds)
             "progress": np.median(np.where(np.isfinite(progress), progress, -np.inf), 1).tolist(),
             "diverged": (outcome == perturb.DIVERGED).mean(axis=1).tolist(),
             "failed": failed_all.tolist(),
             "threshold_error": None if first is None else float(median_err[first]),
             "last_ok_error": None if first is None or first == 0 else float(median_err[first - 1]),
+            "threshold_rms_error": None if first is None else float(median_rms[first]),
+            "last_ok_rms_error": (
+                None if first is None or first == 0 else float(median_rms[first - 1])
+            ),
         }
+        if kind == "random":
+            clean_end = jax.tree.map(lambda v: v[0, 0], params_clean)  # the clean run
+            out["prediction"] = smoothness_prediction(model, params, clean_end, x, y, config)
     return out
+
+
+def _flat_hvp(model, params, x, y):
+    """The flattened parameters and ``v -> H v``, ``H`` the training objective's Hessian."""
+    flat, unravel = ravel_pytree(params)
+    grad = jax.grad(lambda v: model.loss(unravel(v), x, y))
+    return flat, lambda v: jax.jvp(grad, (flat,), (v,))[1]
+
+
+def _power(op, v0, iters):
+    tiny = jnp.finfo(jnp.float32).tiny
+    body = lambda _, v: (lambda w: w / jnp.maximum(jnp.linalg.norm(w), tiny))(op(v))  # noqa: E731
+    return jax.lax.fori_loop(0, iters, body, v0 / jnp.linalg.norm(v0))
+
+
+def top_curvature(model, params, x, y, key, iters: int):
+    """``(lambda_max, rho, residual)`` of the Hessian of the training objective at
+    ``params``: power iteration on Hessian-vector products gives ``rho = max |lambda|``
+    (from ``||H v||``, which converges even when ``+rho`` and ``-rho`` are both
+    eigenvalues), then on ``H + rho I``, whose eigenvalues are ``>= 0`` with the top
+    one ``lambda_max + rho``. The Rayleigh quotient is a lower bound on ``lambda_max``
+    for any vector; ``residual = ||H v - lambda_max v|| / rho`` says how far from an
+    eigenvector the last iterate is."""
+    flat, hvp = _flat_hvp(model, params, x, y)
+    v0 = jax.random.normal(key, flat.shape, jnp.float32)
+    rho = jnp.linalg.norm(hvp(_power(hvp, v0, iters)))
+    v = _power(lambda v: hvp(v) + rho * v, v0, iters)
+    hv = hvp(v)
+    top = v @ hv
+    return top, rho, jnp.linalg.norm(hv - top * v) / rho
+
+
+def noise_curvature(model, params, x, y, size, keys):
+    """Rayleigh quotients of the Hessian along the gradient and along the gradient
+    error of relative noise of ``size`` at every cotangent (pooled over ``keys``):
+    ``(g.Hg / g.g, sum d.Hd / sum d.d)``, full batch."""
+    n = model.num_operators
+    flat, hvp = _flat_hvp(model, params, x, y)
+    gradient = ravel_pytree(model.gradient(params, x, y))[0]
+
+    def error(key):
+        injection = perturb.Perturbation(backward=size).injection(
+            perturb.operator_keys(key, 0, n), 0, n
+        )
+        return ravel_pytree(model.gradient(params, x, y, injection))[0] - gradient
+
+    d = jax.vmap(error)(keys)
+    hd = jax.vmap(hvp)(d)
+    del flat
+    return gradient @ hvp(gradient) / (gradient @ gradient), jnp.sum(d * hd) / jnp.sum(d * d)
+
+
+def smoothness_prediction(model, params, params_end, x, y, config) -> dict:
+    """Statement 7b's prediction for zero-mean multiplicative noise (see the study's
+    docstring): ``eps* = sqrt(2 / (eta L) - 1)`` with ``L`` the largest Hessian
+    eigenvalue of the training objective at the start of the runs and at the end of the
+    clean run (the larger); and, to explain it, the curvature the noise sees."""
+    key = jax.random.key(config.seed + 11)
+    iters = config.power_iterations
+    curvature = jax.jit(lambda p: top_curvature(model, p, x, y, key, iters))
+    top_start, rho_start, res_start = (float(v) for v in curvature(params))
+    top_end, _, res_end = (float(v) for v in curvature(params_end))
+    smoothness = max(top_start, top_end)
+    eta, n = config.threshold_lr, config.num_operators
+    margin = 2.0 / (eta * smoothness)
+    keys = jax.random.split(jax.random.key(config.seed + 12), config.curvature_draws)
+    sizes = jnp.asarray(config.threshold_sizes, jnp.float32)
+    kappa_g, kappa_d = jax.jit(
+        jax.vmap(lambda size: noise_curvature(model, params, x, y, size, keys))
+    )(sizes)
+    return {
+        "smoothness": smoothness,
+        "smoothness_start": top_start,
+        "smoothness_end": top_end,
+        "largest_abs_eigenvalue_start": rho_start,
+        "power_residual": max(res_start, res_end),
+        "predicted_error": float(np.sqrt(max(margin - 1.0, 0.0))),
+        # The same bound read as a size, if each cotangent's noise compounded fully:
+        # (1 + c^2)^N eta L = 2.
+        "size_by_compounding": float(np.sqrt(max(margin ** (1.0 / n) - 1.0, 0.0))),
+        "gradient_curvature": float(np.asarray(kappa_g)[0]),
+        "noise_curvature": np.asarray(kappa_d),  # per size
+    }
 
 
 def example_run(config, x, y, mesh=None) -> dict:
@@ -248,14 +351,28 @@ def example_run(config, x, y, mesh=None) -> dict:
     return out
 
 
+def program_text(compiled) -> str:
+    """The optimized HLO of a compiled function without its module name and source
+    locations (which name the Python lines that built it)."""
+    lines = compiled.as_text().splitlines()
+    kept = [line for line in lines if not re.match(r"HloModule |\d+ \{file_name_id=", line)]
+    return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(kept))
+
+
 def zero_scale_cost(config, x, y, mesh=None) -> dict:
-    """Statement 0: at size 0 the perturbation points are identities and cost nothing.
+    """Statement 0: idle perturbation points cost nothing.
 
     Times one jitted full-batch SGD step of the tanh chain without perturbation points
-    (``injection=None``), with every point present at a traced size 0, and at size
-    ``probe_size``; medians of interleaved rounds after compilation, as ratios to the
-    step without points measured in the same run. Bits: the forward and backward points
-    at a traced size 0 return their input exactly (every operator output checked).
+    (``injection=None``) and with the injection of a :class:`perturb.Perturbation` that
+    names no point (``Perturbation().injection``: its ``2N`` points are idle, so none is
+    built), medians of interleaved rounds after compilation, as a ratio to the step
+    without points in the same run. Bits: ``bit_steps`` steps of each from the same
+    parameters give the same parameters bit for bit. Also reported: whether the two
+    compile to the same optimized program (source locations aside).
+
+    Extra information, not idle points: the same step with every point *named* at a
+    traced size 0 (each point built, an exact identity behind a ``lax.cond``; its bits
+    are checked on every operator output) and at size ``probe_size``.
     """
     del mesh  # the timed step is full-batch on the whole training split: not sharded
     n = config.num_operators
@@ -263,25 +380,44 @@ def zero_scale_cost(config, x, y, mesh=None) -> dict:
     params = model.init(jax.random.key(config.seed), x.shape[1])
     noise = perturb.operator_keys(jax.random.key(config.seed + 7), 0, n)
 
-    def step(state):
-        params, sizes = state
-        injection = None if sizes is None else model.make_injection(noise, sizes, sizes)
-        grads = model.gradient(params, x, y, injection)
-        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), sizes
+    def make_step(injection_of):
+        def step(state):
+            params, sizes = state
+            grads = model.gradient(params, x, y, injection_of(sizes))
+            return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), sizes
 
-    variants = {
-        "no_points": (params, None),
-        "size_0": (params, jnp.zeros((n,), jnp.float32)),
-        "size_small": (params, jnp.full((n,), config.probe_size, jnp.float32)),
+        return step
+
+    zeros = jnp.zeros((n,), jnp.float32)
+    variants = {  # name: (injection from the traced sizes, sizes)
+        "no_points": (lambda sizes: None, zeros),
+        "idle": (lambda sizes: perturb.Perturbation().injection(noise, 0, n), zeros),
+        "named_0": (lambda sizes: model.make_injection(noise, sizes, sizes), zeros),
+        "named_small": (
+            lambda sizes: model.make_injection(noise, sizes, sizes),
+            jnp.full((n,), config.probe_size, jnp.float32),
+        ),
     }
-    steps, compile_s = {}, {}
-    for name, state in variants.items():
-        compiled, seconds = measure.compile_timed(step, state)
-        steps[name], compile_s[name] = compiled, seconds
+    steps, compile_s, states = {}, {}, {}
+    for name, (injection_of, sizes) in variants.items():
+        states[name] = (params, sizes)
+        steps[name], compile_s[name] = measure.compile_timed(make_step(injection_of), states[name])
     times, _ = measure.interleaved_times(
-        steps, variants, repeats=config.timing_repeats, warmup=5, desc="size-0 cost"
+        steps, states, repeats=config.timing_repeats, warmup=5, desc="idle-point cost"
     )
     medians = {name: measure.median(t) for name, t in times.items()}
+
+    def after_steps(name):
+        state = states[name]
+        for _ in range(config.bit_steps):
+            state = steps[name](state)
+        return jax.tree.leaves(state[0])
+
+    same_bits = all(
+        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+        for a, b in zip(after_steps("idle"), after_steps("no_points"), strict=True)
+    )
+    same_program = program_text(steps["idle"]) == program_text(steps["no_points"])
 
     @jax.jit
     def points_return_input(sizes):
@@ -297,7 +433,10 @@ def zero_scale_cost(config, x, y, mesh=None) -> dict:
     return {
         "median_step_s": medians,
         "compile_s": compile_s,
-        "ratio_size_0": medians["size_0"] / medians["no_points"],
-        "ratio_size_small": medians["size_small"] / medians["no_points"],
-        "identity_bits": bool(points_return_input(jnp.zeros((n,), jnp.float32))),
+        "time_ratio_idle": medians["idle"] / medians["no_points"],
+        "time_ratio_named_0": medians["named_0"] / medians["no_points"],
+        "time_ratio_named_small": medians["named_small"] / medians["no_points"],
+        "idle_same_bits": bool(same_bits),
+        "idle_same_program": bool(same_program),
+        "named_0_identity_bits": bool(points_return_input(zeros)),
     }
