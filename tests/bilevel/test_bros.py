@@ -411,6 +411,12 @@ def test_bad_resample_every_raises(resample_every):
         bilevel.bros(bd.MLP, 2, 0.1, 0.1, resample_every=resample_every)
 
 
+@pytest.mark.parametrize("rule", ["isotropic", "", None, 1, 0])
+def test_bad_rank_scaled_steps_raises(rule):
+    with pytest.raises(ValueError, match="rank_scaled_steps must be one of 'curvature'"):
+        bilevel.bros(bd.MLP, 2, 0.1, 0.1, rank_scaled_steps=rule)
+
+
 def test_integral_float_rank_is_accepted():
     bilevel.bros(bd.MLP, 2.0, 0.2, 0.1)  # a whole number given as a float is fine
     bilevel.bros(bd.MLP, np.int64(2), 0.2, 0.1, resample_every=np.int32(3))
