@@ -32,7 +32,7 @@ BROS step sizes: MA-SOBA's, through BROS's default rank rule (``rank_scaled_step
 "curvature"``: each projected leaf's steps divided by its certified curvature
 inflation, see ``optstab.bilevel.bros``); no rank was tuned. Same check as above
 (width 1024, 250 steps, tuning seed 100, validation accuracy): rank 8 / 32 / 128
-0.739 / 0.883 / 0.925; rank 8 under the worst-case rule (``"worst_case"``, steps
+0.725 / 0.856 / 0.925; rank 8 under the worst-case rule (``"worst_case"``, steps
 divided by ``k = 1 + (m - 1) / r``, ~128 here) 0.208. Before the rule, the quick size
 (width 512) tuned every rank on its own grid: with MA-SOBA's steps unscaled, rank 8's
 ``z`` diverged (NaN by step 200).

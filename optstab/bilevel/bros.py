@@ -98,9 +98,11 @@ already takes, per projected leaf, with ``c = Q^T z`` and ``P^T H Q c``::
     d = (P^T z)^T (P^T H Q c)   = (M_P z)^T H (M_Q z),      E[d] = z^T H z
 
 (the leaf's rows of ``H``; ``P`` and ``Q`` independent, so averaging ``n`` over ``P``
-first, with ``E[M_P] = I``, leaves ``(M_Q z)^T H (M_Q z)``). Both reuse ``P^T H Q c``
-and cost ``r x r`` and ``r x n`` products only: the rule needs no memory beyond the
-statistics (six floats per projected leaf). Why along ``z``: ``z`` tracks
+first, with ``E[M_P] = I``, leaves ``(M_Q z)^T H (M_Q z)``). Both reuse ``P^T H Q c``;
+``P^T z`` and ``||z||^2`` of the old ``z`` are read back from the new one (``z = z' +
+a P B``), so that ``z`` is still updated in place. Only ``r x r`` and ``r x n``
+products are added: the rule's compiled bytes are the worst-case rule's, plus six
+floats of statistics per projected leaf. Why along ``z``: ``z`` tracks
 ``H^{-1} grad_y f``, which leans towards low curvature, so ``kappa_z`` is at least the
 inflation along the gradient-like directions the steps take (on the cleaning MLP at
 rank 8 of 512 rows: 4.6-5.3 along ``z`` against 1.3-1.7 along the lower gradient).
@@ -111,7 +113,7 @@ The samples, divided by ``||z||^2``, enter exponentially weighted sums (decay
 while the lower bound on ``E[d]`` is not positive. A saving is thus taken only once
 the data show it: for isotropic curvature ``kappa_z = k`` and the rule stays (within
 its error) the worst-case rule, while on the cleaning MLP at width 1024 it certifies
-``kappa`` of 1.3-4.7 per leaf at ranks 8-128 (``k`` up to 128). The factors of an
+``kappa`` of 1.3-6.7 per leaf at ranks 8-128 (``k`` up to 128). The factors of an
 update use only earlier updates' statistics, so they are independent of its probes.
 
 The memory-efficient path (``factored=True``, the default) never forms full-size
