@@ -158,6 +158,7 @@ from optstab.bilevel.soba import ma_soba
 CURVATURE_DECAY = 0.99  # the statistics forget with horizon ~100 updates
 CONFIDENCE = 2.0  # one-sided bound in standard errors (~2.3% per leaf and update)
 MIN_SAMPLES = 10.0  # effective samples before any saving is certified
+READ_BACK_FLOOR = 1e-3  # relative size below which a read-back ||z||^2 is unknown
 RULES = ("curvature", "worst_case", "none")
 
 
@@ -355,8 +356,13 @@ def seen_projections(
         p_new = p.T @ new.astype(jnp.float32)
         p_step = (p.T @ p) @ b  # P^T P B
         p_old = p_new + a * p_step
-        norm = jnp.vdot(new, new) + 2 * a * jnp.vdot(p_new, b) + a * a * jnp.vdot(b, p_step)
-        return (p.T @ q, p_old, norm)
+        terms = (jnp.vdot(new, new), 2 * a * jnp.vdot(p_new, b), a * a * jnp.vdot(b, p_step))
+        norm = sum(terms)
+        # The sum cancels when the old z is small against the step (it starts at 0): its
+        # float32 error is ~eps * sum|terms|, so a norm below READ_BACK_FLOOR of that
+        # is unknown and reported as 0 (the sample is then left out).
+        known = norm > READ_BACK_FLOOR * sum(jnp.abs(t) for t in terms)
+        return (p.T @ q, p_old, jnp.where(known, norm, 0.0))
 
     return jax.tree.map(
         one, probes.left, probes.right, new_z, coordinates, coefficients,
