@@ -4,8 +4,8 @@
 
 How the step sizes were chosen. On MA-SOBA alone, with validation metrics alone, on
 tuning seeds 100-102 (the reported seeds are 0, 1, 2, ...); SOBA, BROS and the test
-split were not looked at while choosing. SOBA uses the same values; BROS ranks were
-tuned afterwards by the same protocol (below). Quick size (MLP 64-512-512-10, batches 64/64):
+split were not looked at while choosing. SOBA and BROS use the same values (BROS
+through its rank rule, below). At MLP 64-512-512-10, batches 64/64:
 
 1. Baselines, 300 steps, validation accuracy: ``no_cleaning`` 0.77 / 0.64 / 0.61 at
    inner_lr 0.03 / 0.1 / 0.3 (a larger step fits the wrong labels faster); ``oracle``
@@ -24,20 +24,18 @@ Full size: the same values, not re-tuned (no GPU host was available). A CPU chec
 width 2048 (300 steps, one tuning seed, the step-2 values inner_lr 0.1, aux_lr 0.03,
 outer_lr 300) gave validation accuracy 0.91 for MA-SOBA and 0.66 for no_cleaning.
 
-BROS step sizes (``method_steps``). The first quick run gave every BROS rank MA-SOBA's
-step sizes; BROS's auxiliary variable ``z`` then diverged at low rank (width 512, rank
-8: ``|z|`` ~1e5 after 25 steps, NaN by step 200, test accuracy 0.10; rank 32: 0.74).
-Its random-subspace step has a second moment about ``(width / rank)^2`` times
-MA-SOBA's, so its step sizes must shrink with the rank, as for any randomized-subspace
-method. Every BROS rank was then tuned by the protocol used for MA-SOBA (tuning seeds
-100-102, validation accuracy of the last three evaluations, median over seeds; test
-split not looked at), on the grid inner_lr {0.03, 0.01} x aux_lr {0.03, 0.01, 0.003,
-0.001} with outer_lr 100 and average 0.1 fixed. Validation accuracy of the picks:
-rank 8: 0.844 at (0.01, 0.001), at the edge of the grid (0.836 at (0.01, 0.003));
-rank 32: 0.907 at (0.03, 0.01); rank 128: 0.928 at (0.03, 0.01). For comparison
-MA-SOBA's pick scored 0.91-0.93 by the same criterion. The full size keeps these
-values untuned (at width 2048 the rank/width ratio is 4x smaller, so the low ranks
-will probably need smaller steps still).
+Widths. The quick size runs at width 1024 and the full one at 4096, where the weights
+dominate MA-SOBA's memory; the step sizes above were chosen at width 512 and kept. A
+check at width 1024 (250 steps, tuning seed 100, validation accuracy): MA-SOBA 0.933.
+
+BROS step sizes: MA-SOBA's, through BROS's default rank rule (``rank_scaled_steps=
+"curvature"``: each projected leaf's steps divided by its certified curvature
+inflation, see ``optstab.bilevel.bros``); no rank was tuned. Same check as above
+(width 1024, 250 steps, tuning seed 100, validation accuracy): rank 8 / 32 / 128
+0.725 / 0.856 / 0.925; rank 8 under the worst-case rule (``"worst_case"``, steps
+divided by ``k = 1 + (m - 1) / r``, ~128 here) 0.208. Before the rule, the quick size
+(width 512) tuned every rank on its own grid: with MA-SOBA's steps unscaled, rank 8's
+``z`` diverged (NaN by step 200).
 """
 
 from __future__ import annotations
@@ -48,8 +46,8 @@ from configs import new_config
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (this 2-core CPU, one to two minutes)
-    or ``"full"`` (one GPU)."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (this 2-core CPU: about 2.5 minutes
+    of CPU time, 7 minutes of wall time at load average 15) or ``"full"`` (one GPU)."""
     if size == "tiny":  # the quick config, made small; its batches divide by 8
         c = get_config("quick")
         c.size = "tiny"
@@ -76,25 +74,18 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.corruption = 0.5  # fraction of training labels replaced by a wrong class
 
     # Lower level: MLP 64 -> hidden -> 10, l2 term in the inner loss.
-    c.hidden = (512, 512) if quick else (2048, 2048)
+    c.hidden = (1024, 1024) if quick else (4096, 4096)
     c.l2 = 1e-4
     c.init_logit = 0.0  # x starts at 0: every sample weighted sigmoid(0) = 1/2
 
-    # Step sizes of soba and ma_soba (and inner_lr of the no_cleaning / oracle
-    # baselines); BROS ranks override them in method_steps.
+    # Step sizes of every solver (and inner_lr of the no_cleaning / oracle baselines);
+    # BROS scales them by its default rank rule.
     c.inner_lr = 0.03
     c.aux_lr = 0.03
     c.average = 0.1
     c.outer_lr = 100.0
-    # Per-method step sizes tuned by the same validation protocol (see the docstring);
-    # a method not listed uses the shared values above.
-    c.method_steps = {
-        "bros_r8": {"inner_lr": 0.01, "aux_lr": 0.001},
-        "bros_r32": {"inner_lr": 0.03, "aux_lr": 0.01},
-        "bros_r128": {"inner_lr": 0.03, "aux_lr": 0.01},
-    }
     c.radius = None  # no projection of z: MA-SOBA did not need one
-    c.num_steps = 250 if quick else 3000  # quick: what ~100 s of this CPU allows
+    c.num_steps = 250 if quick else 3000  # the same budget for every method
     c.inner_batch = 64
     c.outer_batch = 64
     c.eval_every = 25 if quick else 100

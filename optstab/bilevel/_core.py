@@ -38,7 +38,8 @@ class Proposal(NamedTuple):
     y: PyTree  # new lower variable (equal to the old one where the step was not finite)
     z: PyTree  # new float32 auxiliary variable, before the projection onto the ball
     finite: jax.Array  # () bool: every loss and derivative of the step was finite
-    output_scale: float = 1.0  # static: the transform outputs output_scale * w
+    output_scale: float | jax.Array = 1.0  # the transform outputs output_scale * w
+    stats: PyTree = None  # new solver statistics (None: keep the state's)
 
 
 # step(state, x, inner_batch, outer_batch) -> Proposal
@@ -141,8 +142,13 @@ def bilevel_transform(
     average: jax.typing.ArrayLike,
     radius: jax.typing.ArrayLike | None,
     key: jax.Array | int,
+    init_stats: Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """The Optax transform around ``step``: checks, averaging, projection, skipping."""
+    """The Optax transform around ``step``: checks, averaging, projection, skipping.
+
+    ``init_stats(y0)`` gives the initial ``stats`` field of the state (``()`` if
+    ``None``); the step returns the new statistics in its proposal.
+    """
     checked: set = set()  # input signatures whose losses were already checked
 
     def init_fn(x: PyTree) -> BilevelState:
@@ -154,6 +160,7 @@ def bilevel_transform(
             key=as_key(key),
             count=jnp.zeros([], jnp.int32),
             nonfinite=jnp.zeros([], jnp.int32),
+            stats=() if init_stats is None else init_stats(y),
         )
 
     def update_fn(
@@ -184,10 +191,12 @@ def bilevel_transform(
             key=state.key,
             count=optax.safe_increment(state.count),
             nonfinite=state.nonfinite + jnp.where(ok, 0, 1).astype(jnp.int32),
+            stats=state.stats if proposal.stats is None else proposal.stats,
         )
         output = zero_unless(ok, w)
-        if proposal.output_scale != 1.0:
-            output = jax.tree.map(lambda o: proposal.output_scale * o, output)
+        scale = proposal.output_scale
+        if not (isinstance(scale, float | int) and scale == 1.0):
+            output = jax.tree.map(lambda o: scale * o, output)
         return oracles.cast_like(output, params), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

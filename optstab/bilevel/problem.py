@@ -39,8 +39,9 @@ class BilevelProblem(NamedTuple):
 class BilevelState(NamedTuple):
     """State of :func:`~optstab.bilevel.soba`, ``ma_soba`` and ``bros``.
 
-    The field order is the checkpoint format (``nonfinite`` was appended last, so a
-    checkpoint written before it existed does not restore into this state).
+    The field order is the checkpoint format (``nonfinite`` and then ``stats`` were
+    appended last, so a checkpoint written before they existed does not restore into
+    this state).
     """
 
     y: PyTree  # lower variable, the dtype of inner_init
@@ -49,6 +50,9 @@ class BilevelState(NamedTuple):
     key: jax.Array  # () typed PRNG key; BROS draws its probes from fold_in(key, period)
     count: jax.Array  # () int32 number of updates so far, skipped ones included
     nonfinite: jax.Array  # () int32 updates skipped for a non-finite loss or derivative
+    # Solver statistics: BROS's curvature statistics (per leaf of y, see
+    # optstab.bilevel.bros); () for the other solvers.
+    stats: PyTree = ()
 
 
 def initial_inner(problem: BilevelProblem, x: PyTree) -> PyTree:

@@ -110,7 +110,8 @@ def lift_descend(
 ) -> PyTree:
     """``tree - lr * s * P B`` leaf by leaf, in float32, kept in ``tree``'s dtype.
 
-    ``scales`` holds one Python float ``s`` per leaf of ``tree`` (``None``: all 1).
+    ``scales`` holds one factor ``s`` per leaf of ``tree``, a Python float or a ``()``
+    array (``None``: all 1).
     """
     if scales is None:
         scales = jax.tree.map(lambda _: 1.0, tree)

@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from optstab import bilevel
 from optstab.bilevel import subspace
+from optstab.bilevel.bros import certified_inflation
 
 BETA, GAMMA, THETA = 0.3, 0.2, 0.4
 
@@ -199,8 +200,9 @@ def test_resample_every_keeps_probes_within_a_period():
 # ---------------------------------------------------------------- convergence
 #
 # MA-SOBA's step sizes on the 20-row quadratic (MA-SOBA reaches x* to 1e-6 in 400
-# steps with them, see test_soba), given to BROS at every rank. Two facts make the
-# check exact rather than empirical:
+# steps with them, see test_soba), given to BROS at every rank. With the default
+# (certified curvature) rule: no divergence and the error falls. With the worst-case
+# rule (kappa = k fixed) two facts make the check exact rather than empirical:
 # * E[x_t] follows the *mean-field* iteration: the probes of step t are independent
 #   of the state and enter linearly, with E[P P^T] = I and E[P P^T H Q Q^T] = H, so
 #   E[x_t] is MA-SOBA run with BROS's effective rates: lower beta / k, auxiliary
@@ -208,7 +210,7 @@ def test_resample_every_keeps_probes_within_a_period():
 #   computed by hand in float64 (bd.Quadratic.ma_soba_by_hand).
 # * The Monte Carlo mean over NUM_KEYS runs is compared with it in units of its
 #   standard error: by the CLT each coordinate's score is ~|N(0, 1)|; over
-#   3 coordinates x 5 ranks, P(max score > 4.5) <= 15 * 6.8e-6 = 1e-4 (union bound).
+#   3 coordinates x 2 ranks, P(max score > 4.5) <= 6 * 6.8e-6 = 4e-5 (union bound).
 #   float32 rounding moves x_t by ~1e-6, far below the standard errors (~1e-2).
 
 RANKS = (1, 2, 4, 8, 16)
@@ -217,7 +219,7 @@ NUM_KEYS, SWEEP_STEPS = 32, 800
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "scaled"))
-def _quad20_final_x(keys, rank, scaled=True):
+def _quad20_final_x(keys, rank, scaled="curvature"):
     s = MA_SOBA_STEPS
 
     def one(key):
@@ -232,38 +234,50 @@ def _quad20_final_x(keys, rank, scaled=True):
     return jax.vmap(one)(keys)
 
 
-def test_rank_scaled_steps_are_stable_at_every_rank_with_ma_soba_steps():
-    keys = jax.random.split(jax.random.key(0), NUM_KEYS)
+def _assert_error_falls(xs, skipped, rank):
+    """No divergence (every run finite, no step skipped) and a mean-square error below
+    the start's: E||x_T - x*||^2 (Monte Carlo mean plus 4.5 standard errors, by the CLT
+    exceeded with probability < 7e-6) is below ||x_0 - x*||^2 = ||x*||^2."""
     x_star = bd.QUAD20.solution()[0]
-    start = np.sum(x_star**2)  # x_0 = 0
-    s = MA_SOBA_STEPS
+    assert np.all(np.isfinite(xs)) and not np.any(skipped), rank
+    sq = np.sum((np.asarray(xs, np.float64) - x_star) ** 2, axis=1)
+    bound = sq.mean() + 4.5 * sq.std(ddof=1) / np.sqrt(len(sq))
+    assert bound < np.sum(x_star**2), (rank, sq.mean())
+
+
+def test_default_rule_is_stable_at_every_rank_with_ma_soba_steps():
+    # The default (certified curvature) rule with MA-SOBA's step sizes at every rank.
+    keys = jax.random.split(jax.random.key(0), NUM_KEYS)
     for rank in RANKS:
         xs, skipped = _quad20_final_x(keys, rank)
-        xs = np.asarray(xs, np.float64)
-        # No divergence: every run finite, no step skipped.
-        assert np.all(np.isfinite(xs)) and not np.any(skipped), rank
-        # The mean follows the mean-field iteration (see above).
-        k = 1 + (bd.QUAD20.rows - 1) / rank
-        mean_field = bd.QUAD20.ma_soba_by_hand(
-            s["beta"] / k, s["gamma"] / k**2, s["theta"], s["alpha"] / k**2, SWEEP_STEPS
-        )
-        stderr = xs.std(axis=0, ddof=1) / np.sqrt(NUM_KEYS)
-        scores = np.abs(xs.mean(axis=0) - mean_field) / stderr
-        assert scores.max() < 4.5, (rank, scores)
-        # ... which approaches x* (a property of the hand computation, checked so
-        # that the Monte Carlo comparison above is not one of two motionless runs).
-        assert np.sum((mean_field - x_star) ** 2) < 0.8 * start, rank
-        # The error falls in mean square as well: E||x_T - x*||^2 (Monte Carlo, plus
-        # 4.5 standard errors) stays below the start. The noise floor is what remains:
-        # the rule keeps the auxiliary noise's stationary spread independent of the rank.
-        sq = np.sum((xs - x_star) ** 2, axis=1)
-        assert sq.mean() + 4.5 * sq.std(ddof=1) / np.sqrt(NUM_KEYS) < start, (rank, sq.mean())
+        _assert_error_falls(xs, skipped, rank)
+
+
+@pytest.mark.parametrize("rank", [1, 16])
+def test_worst_case_rule_follows_the_mean_field_iteration(rank):
+    keys = jax.random.split(jax.random.key(0), NUM_KEYS)
+    s = MA_SOBA_STEPS
+    xs, skipped = _quad20_final_x(keys, rank, "worst_case")
+    _assert_error_falls(xs, skipped, rank)
+    xs = np.asarray(xs, np.float64)
+    # The mean follows the mean-field iteration (see above).
+    k = 1 + (bd.QUAD20.rows - 1) / rank
+    mean_field = bd.QUAD20.ma_soba_by_hand(
+        s["beta"] / k, s["gamma"] / k**2, s["theta"], s["alpha"] / k**2, SWEEP_STEPS
+    )
+    stderr = xs.std(axis=0, ddof=1) / np.sqrt(NUM_KEYS)
+    scores = np.abs(xs.mean(axis=0) - mean_field) / stderr
+    assert scores.max() < 4.5, (rank, scores)
+    # ... which approaches x* (a property of the hand computation, checked so that the
+    # Monte Carlo comparison above is not one of two motionless runs).
+    x_star = bd.QUAD20.solution()[0]
+    assert np.sum((mean_field - x_star) ** 2) < 0.8 * np.sum(x_star**2), rank
 
 
 def test_without_the_rank_rule_the_same_steps_diverge():
     # The counterpart: unscaled, the lower step's mean-square factor at rank 1 is
     # 1 - 2 beta lambda + k beta^2 lambda^2 > 1 (k = 20, beta = 0.4, lambda >= 1).
-    xs, skipped = _quad20_final_x(jax.random.split(jax.random.key(0), 2), 1, scaled=False)
+    xs, skipped = _quad20_final_x(jax.random.split(jax.random.key(0), 2), 1, scaled="none")
     assert np.all(skipped > 0) or not np.all(np.abs(np.asarray(xs)) < 1e3)
 
 
@@ -280,7 +294,8 @@ def _one_step_squared_errors(keys, y, z):
     def one(key):
         state = tx.init(x)._replace(y=y, z=z, key=key)
         _, new = tx.update(x, state, x, inner_batch=None, outer_batch=None)
-        return jnp.sum(new.y**2), jnp.sum(new.z**2)
+        # From zero statistics one update leaves [1, 1, n, n^2, d, d^2] (n, d / ||z||^2).
+        return jnp.sum(new.y**2), jnp.sum(new.z**2), new.stats[2], new.stats[4]
 
     return jax.vmap(one)(keys)
 
@@ -291,8 +306,7 @@ def test_one_step_second_moments_follow_the_derivation():
     #   E||y'||^2 = ||y||^2 - (1/k) sum_cols y^T (2 beta A - beta^2 A^2) y
     #   E||z'||^2 = ||z||^2 - 2 g sum_cols z^T A z + g^2 k sum_cols z^T X z,  g = gamma/k^2
     # with X = E[M A^2 M] = A^2 + (A^2 + tr(A^2) I - 2 diag(A^2)) / r. Float64 here,
-    # compared with the Monte Carlo means in units of their standard errors (two
-    # scores: P(max > 4.5) <= 2 * 6.8e-6 under the CLT with 4000 draws).
+    # compared with the Monte Carlo means in units of their standard errors.
     a = bd.QUAD20.a.astype(np.float64)
     y = bd.QUAD20.c.astype(np.float64)
     z = np.random.default_rng(4).standard_normal(y.shape)
@@ -304,13 +318,82 @@ def test_one_step_second_moments_follow_the_derivation():
     a2 = a @ a
     x_mma = a2 + (a2 + np.trace(a2) * np.eye(len(a)) - 2 * np.diag(np.diag(a2))) / r
     want_z = np.sum(z**2) - 2 * g * quad(a, z) + g**2 * k * quad(x_mma, z)
+    # The curvature samples of the default rule (bros docstring, "Certified inflation"):
+    # E[n] = z^T E[M_Q A M_Q] z and E[d] = z^T A z, per column, over ||z||^2.
+    x_ma = a + (a + np.trace(a) * np.eye(len(a)) - 2 * np.diag(np.diag(a))) / r
+    want_n, want_d = quad(x_ma, z) / np.sum(z**2), quad(a, z) / np.sum(z**2)
     keys = jax.random.split(jax.random.key(1), ONE_STEP_DRAWS)
-    ys, zs = (np.asarray(v, np.float64) for v in _one_step_squared_errors(keys, y, z))
-    for samples, want in ((ys, want_y), (zs, want_z)):
+    ys, zs, ns, ds = (np.asarray(v, np.float64) for v in _one_step_squared_errors(keys, y, z))
+    # Four scores: P(max > 4.5) <= 4 * 6.8e-6 under the CLT with 4000 draws.
+    for samples, want in ((ys, want_y), (zs, want_z), (ns, want_n), (ds, want_d)):
         stderr = samples.std(ddof=1) / np.sqrt(ONE_STEP_DRAWS)
         assert abs(samples.mean() - want) < 4.5 * stderr, (samples.mean(), want, stderr)
     # Both contract, as the rule promises for steps at which MA-SOBA's do.
     assert want_y < np.sum(y**2) and want_z < np.sum(z**2)
+
+
+# The certified inflation on curvature with known kappa: the inner loss
+# 0.5 sum_c y_c^T A y_c with A passed as the inner batch (one compile for every A), the
+# state reset to a fixed (y, z) before each update so that the samples are independent
+# draws at one z, the statistics carried. For z = e_0 (x) 1 and A = diag(1, eps, ...),
+# kappa_z = 1 + (tr(A) - 1) / r (the docstring's formula): far below k. For A = I,
+# kappa_z = k for every z: nothing to certify.
+CERT_ROWS, CERT_RANK, CERT_STEPS = 64, 4, 300
+CERT_PROBLEM = bilevel.BilevelProblem(
+    inner_loss=lambda x, y, a: 0.5 * jnp.sum(y * (a @ y)) - jnp.sum(y) * jnp.sum(x),
+    outer_loss=lambda x, y, b: 0.5 * jnp.sum(y**2),
+    inner_init=jnp.zeros((CERT_ROWS, 2)),
+)
+
+
+@jax.jit
+def _certified_statistics(a, z):
+    tx = bilevel.bros(CERT_PROBLEM, CERT_RANK, 0.1, 0.1, average=0.5, key=2)
+    x = jnp.zeros(3)
+
+    def step(state, _):
+        state = state._replace(y=jnp.zeros_like(z), z=z)
+        _, state = tx.update(x, state, x, inner_batch=a, outer_batch=None)
+        return state, None
+
+    state, _ = jax.lax.scan(step, tx.init(x), length=CERT_STEPS)
+    return state.stats, certified_inflation(state.stats, _CERT_K)
+
+
+_CERT_K = 1 + (CERT_ROWS - 1) / CERT_RANK
+
+
+@pytest.mark.parametrize("isotropic", [False, True], ids=["anisotropic", "isotropic"])
+def test_certified_inflation_brackets_the_true_one(isotropic):
+    eps = 0.01
+    a = np.eye(CERT_ROWS) if isotropic else np.diag([1.0] + [eps] * (CERT_ROWS - 1))
+    z = np.zeros((CERT_ROWS, 2))
+    z[0] = 1.0
+    r, m = CERT_RANK, CERT_ROWS
+    # E[n] and E[d] over ||z||^2 by hand (float64): z^T E[M A M] z and z^T A z.
+    x_ma = a + (a + np.trace(a) * np.eye(m) - 2 * np.diag(np.diag(a))) / r
+    want_n, want_d = np.sum(z * (x_ma @ z)) / 2, np.sum(z * (a @ z)) / 2
+    true_kappa = want_n / want_d
+    np.testing.assert_allclose(true_kappa, _CERT_K if isotropic else 1 + eps * (m - 1) / r)
+    stats, kappa = _certified_statistics(jnp.asarray(a, jnp.float32), jnp.asarray(z, jnp.float32))
+    total, total_sq, n1, n2, d1, d2 = np.asarray(stats, np.float64)
+    # The statistics' own standard errors of the weighted means (independent draws,
+    # effective sample size total^2 / total_sq, ~180 here).
+    size = total**2 / total_sq
+    se_n = np.sqrt(max(n2 / total - (n1 / total) ** 2, 0.0) / size)
+    se_d = np.sqrt(max(d2 / total - (d1 / total) ** 2, 0.0) / size)
+    # The rule's bound uses mean +- 2 standard errors; the means lie within 4.5 of the
+    # truth (CLT, P > 1 - 2 * 6.8e-6), so the certified value lies between these two:
+    low = (want_n - 2.5 * se_n) / (want_d + 2.5 * se_d)
+    high = (want_n + 6.5 * se_n) / (want_d - 6.5 * se_d)
+    kappa = float(kappa)
+    assert min(low, _CERT_K) <= kappa <= min(high, _CERT_K), (low, kappa, high)
+    if isotropic:
+        # Nothing to save: the rule is (within its error) the worst-case one.
+        assert kappa > 0.9 * _CERT_K, kappa
+    else:
+        # The saving is certified: kappa ~1.2 against k = 16.75.
+        assert kappa < 0.25 * _CERT_K, kappa
 
 
 # ------------------------------------------------------------------ validation
@@ -326,6 +409,12 @@ def test_bad_rank_raises(rank):
 def test_bad_resample_every_raises(resample_every):
     with pytest.raises(ValueError, match="resample_every"):
         bilevel.bros(bd.MLP, 2, 0.1, 0.1, resample_every=resample_every)
+
+
+@pytest.mark.parametrize("rule", ["isotropic", "", None, 1, 0])
+def test_bad_rank_scaled_steps_raises(rule):
+    with pytest.raises(ValueError, match="rank_scaled_steps must be one of 'curvature'"):
+        bilevel.bros(bd.MLP, 2, 0.1, 0.1, rank_scaled_steps=rule)
 
 
 def test_integral_float_rank_is_accepted():

@@ -77,8 +77,14 @@ def _hyper(inner_lr=0.1, aux_lr=0.1, average=1.0, radius=None):
     return {"inner_lr": inner_lr, "aux_lr": aux_lr, "average": average, "radius": radius}
 
 
-def _state(seed, count=0):
-    return bd.mlp_state(bilevel.ma_soba(bd.MLP, 0.1, 0.1), seed=seed, count=count)
+def _state(seed, count=0, factory="ma_soba"):
+    """A state with nonzero y, z, w; BROS's also holds its (zero) curvature statistics."""
+    tx = (
+        bilevel.bros(bd.MLP, 2, 0.1, 0.1)
+        if factory == "bros"
+        else bilevel.ma_soba(bd.MLP, 0.1, 0.1)
+    )
+    return bd.mlp_state(tx, seed=seed, count=count)
 
 
 def test_one_update_matches_the_formulas():
@@ -154,7 +160,7 @@ def test_schedules_are_evaluated_at_the_state_count(factory):
         functools.partial(scheduled.update, inner_batch=_BATCHES[0], outer_batch=_BATCHES[1])
     )
     for count in (0, 5):
-        state = _state(seed=7, count=count)
+        state = _state(seed=7, count=count, factory=factory)
         _, got = update(bd.MLP_X, state, bd.MLP_X)
         hyper = _hyper(0.4 - 0.04 * count, 0.1 * (count + 1), average=0.5)
         _, want = _update(state, hyper, factory=factory)

@@ -44,6 +44,38 @@ def summarize(per_seed: dict[str, list[dict]], cost: dict[str, dict]) -> dict:
     return rows
 
 
+def time_to_target(
+    curves: dict[str, list[dict]], rows: dict, config: ml_collections.ConfigDict
+) -> tuple[float | None, dict]:
+    """AlgoPerf-style time to a target validation accuracy, for every trained method.
+
+    The target is MA-SOBA's final validation accuracy (median over seeds) minus
+    ``goal_accuracy_gap``. Per seed, ``steps`` is the first evaluated step whose
+    validation accuracy reaches it (so its resolution is ``eval_every``); a method's
+    ``steps`` is the median over seeds, counting a seed that never reaches it as
+    infinitely slow (``None`` when half or more never do). ``seconds`` is ``steps`` times
+    the method's median step time, so that a cheaper step counts.
+
+    Returns ``(target, {name: {"steps", "seconds"}})``; ``(None, {})`` without MA-SOBA.
+    """
+    reference = rows.get("ma_soba")
+    if reference is None or reference.get("val_acc") is None:
+        return None, {}
+    target = reference["val_acc"] - config.goal_accuracy_gap
+    found = {}
+    for name, runs in curves.items():
+        hits = []
+        for run in runs:
+            pairs = zip(run["step"], run["val_acc"], strict=True)
+            reached = [step for step, acc in pairs if acc >= target]
+            hits.append(reached[0] if reached else np.inf)
+        steps = float(np.median(hits))
+        steps = None if not np.isfinite(steps) else steps
+        seconds = None if steps is None else steps * rows[name]["step_time_s"]
+        found[name] = {"steps": steps, "seconds": seconds}
+    return target, found
+
+
 def goal_checks(rows: dict, config: ml_collections.ConfigDict) -> tuple[dict, float | None]:
     """The issue's goals for every trained BROS rank, and the memory reduction.
 
@@ -80,6 +112,9 @@ def table(result: dict) -> str:
         "acc_min",
         "acc_max",
         "detect_f1",
+        "val_acc",
+        "steps_to_tgt",
+        "s_to_tgt",
         "diverged",
         "w_clean",
         "w_corrupt",
@@ -92,6 +127,9 @@ def table(result: dict) -> str:
             m.get("test_acc_min"),
             m.get("test_acc_max"),
             m["detect_f1"],
+            m.get("val_acc"),
+            s["time_to_target"].get(name, {}).get("steps"),
+            s["time_to_target"].get(name, {}).get("seconds"),
             f"{m['diverged']}/{config['num_seeds']}" if m["trained"] else None,
             m.get("clean_weight"),
             m.get("corrupted_weight"),
@@ -117,7 +155,15 @@ def table(result: dict) -> str:
         rows,
         "memory reduction vs ma_soba (best BROS rank within 1 pt): "
         + ("none qualifies" if reduction is None else f"{100 * reduction:.1f}%")
-        + (" (more bytes than ma_soba)" if reduction is not None and reduction < 0 else ""),
+        + (" (more bytes than ma_soba)" if reduction is not None and reduction < 0 else "")
+        + (
+            ""
+            if s["target_val_acc"] is None
+            else f"\ntime to target: first evaluated step with validation accuracy >= "
+            f"{s['target_val_acc']:.3f} (ma_soba's final minus "
+            f"{100 * config['goal_accuracy_gap']:.0f} pt), median over seeds (None: not "
+            f"reached by half); seconds = steps x median step time"
+        ),
         goal=s["goal"],
         goal_title=f"goals (BROS test acc within {100 * config['goal_accuracy_gap']:.0f} pt of "
         f"ma_soba, step time <= {config['goal_time_ratio']}x):",

@@ -21,14 +21,13 @@ BASELINES = ("no_cleaning", "oracle")
 
 
 def solver(name: str, config: ml_collections.ConfigDict, problem, seed: int):
-    """``chain(bilevel solver, sgd(outer_lr))`` of method ``name``; each BROS rank may
-    have step sizes of its own (``config.method_steps``)."""
-    steps = config.method_steps.get(name, {})
+    """``chain(bilevel solver, sgd(outer_lr))`` of method ``name``, with the shared step
+    sizes (BROS scales them by its rank rule)."""
     transform = methods.bilevel_solver(
         name,
         problem,
-        steps.get("inner_lr", config.inner_lr),
-        steps.get("aux_lr", config.aux_lr),
+        config.inner_lr,
+        config.aux_lr,
         config.average,
         key=config.seed + seed,
         radius=config.radius,
