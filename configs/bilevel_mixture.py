@@ -54,14 +54,13 @@ within 0.148-0.179). oracle_clean {0.1 ... 1.2}: 0.8 (0.152), 1.2 diverged, so 0
 (0.159). uniform {0.00075 ... 0.1}: 0.0015 (1.11): the uniform mixture is best
 barely trained.
 
-BROS. A first quick run gave BROS MA-SOBA's settings: bros_r8 diverged on all three
-seeds. Its unbiased subspace step ``P P^T grad`` of an m-row leaf has about m/r times
-the squared length of the full step, so its largest stable step is about r/m times
-smaller. Each rank was then tuned by the rule above on the tuning seeds (validation
-loss only), grid inner_lr {1.2, 0.6, 0.3, 0.15} x aux_lr {0.1, 0.03, 0.01}, other
-settings MA-SOBA's. bros_r8: best (0.15, 0.1) collapsed a seed (1.77), next (0.15,
-0.03) 0.298, stable. bros_r32: best (0.6, 0.03) 0.225, but inner_lr 1.2 collapsed
-there, so one step down: (0.3, 0.1) 0.259. The full size keeps these values untuned.
+BROS takes MA-SOBA's settings unchanged: its default rank rule
+(``bros(rank_scaled_steps="curvature")``) makes them full-space-equivalent, so no rank
+is tuned. Round 1 tuned each rank instead (bros_r8 diverged on all three seeds at
+MA-SOBA's steps without a rule; by the rule above, bros_r8 took inner_lr 0.15, aux_lr
+0.03 and bros_r32 0.3 / 0.1); with those per-rank steps the quick run gave target
+accuracy 0.894 (r8) and 0.925 (r32), with the rule 0.556 (r8: stable but slow) and
+0.928 (r32).
 """
 
 from __future__ import annotations
@@ -80,8 +79,8 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
         c.methods = ("uniform", "oracle_clean", "soba", "ma_soba", "bros_r4")
         c.num_seeds, c.num_steps, c.record_every = 2, 12, 4
         c.hidden, c.batch_size, c.outer_batch_size = (16,), 8, 8
-        # Rank 4 of width 16 needs smaller steps than MA-SOBA's, as the tuned ranks do:
-        # with MA-SOBA's its loss blows up (~1e7), which would magnify any float difference.
+        # Rank 4 of width 16 keeps round 1's small steps, so that the tiny run's losses
+        # stay O(1) whatever the rank rule: the 8-device check compares float values.
         c.method_overrides.bros_r4 = {"inner_lr": 0.15, "aux_lr": 0.03}
         return c
     c = new_config(size)
@@ -114,14 +113,11 @@ def get_config(size: str = "quick") -> ml_collections.ConfigDict:
     c.outer_lr = 0.3
     c.resample_every = 1  # BROS draws new probes every step
 
-    # Baselines and BROS ranks: their own steps, tuned on their own validation loss.
+    # Baselines: their own steps, tuned on their own validation loss (BROS: none, above).
     c.method_overrides = ml_collections.ConfigDict(
         {
             "uniform": {"inner_lr": 0.025 if quick else 0.0015},
             "oracle_clean": {"inner_lr": 0.4},
-            # BROS: its own steps, tuned by the same rule (above).
-            "bros_r8": {"inner_lr": 0.15, "aux_lr": 0.03},
-            "bros_r32": {"inner_lr": 0.3, "aux_lr": 0.1},
         }
     )
     return c
