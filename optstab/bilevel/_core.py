@@ -46,6 +46,23 @@ class Proposal(NamedTuple):
 Step = Callable[[BilevelState, PyTree, Any, Any], Proposal]
 
 
+def fresh_state(
+    y: PyTree, x: PyTree, key: jax.Array | int, nonfinite_shape=(), stats: PyTree = ()
+) -> BilevelState:
+    """A solver's state before its first update: ``z`` and ``w`` zero in float32, no
+    updates counted (``nonfinite`` of shape ``nonfinite_shape``: one per node for D-SOBA)."""
+    zeros = lambda a: jnp.zeros(jnp.shape(a), jnp.float32)
+    return BilevelState(
+        y=y,
+        z=jax.tree.map(zeros, y),
+        w=jax.tree.map(zeros, x),
+        key=as_key(key),
+        count=jnp.zeros([], jnp.int32),
+        nonfinite=jnp.zeros(nonfinite_shape, jnp.int32),
+        stats=stats,
+    )
+
+
 def descend(tree: PyTree, direction: PyTree, lr: jax.Array) -> PyTree:
     """``tree - lr * direction``, computed in float32 and kept in ``tree``'s dtype."""
     return jax.tree.map(
@@ -153,15 +170,8 @@ def bilevel_transform(
 
     def init_fn(x: PyTree) -> BilevelState:
         y = initial_inner(problem, x)
-        return BilevelState(
-            y=y,
-            z=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), y),
-            w=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), x),
-            key=as_key(key),
-            count=jnp.zeros([], jnp.int32),
-            nonfinite=jnp.zeros([], jnp.int32),
-            stats=() if init_stats is None else init_stats(y),
-        )
+        stats = () if init_stats is None else init_stats(y)
+        return fresh_state(y, x, key, stats=stats)
 
     def update_fn(
         updates, state, params=None, *, inner_batch=MISSING, outer_batch=MISSING, **extra

@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from optstab._random import as_key
 from optstab.bilevel import _core, mixing, oracles
 from optstab.bilevel.problem import (
     BilevelProblem,
@@ -166,14 +165,7 @@ def dsoba(
         mixing.check_node_axis(topology, x, "dsoba's x")
         init = problem.inner_init
         y = jax.vmap(init)(x) if callable(init) else _broadcast(init, topology.num_nodes)
-        return BilevelState(
-            y=y,
-            z=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), y),
-            w=jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), x),
-            key=as_key(key),
-            count=jnp.zeros([], jnp.int32),
-            nonfinite=jnp.zeros([topology.num_nodes], jnp.int32),  # per node
-        )
+        return _core.fresh_state(y, x, key, nonfinite_shape=(topology.num_nodes,))
 
     def update_fn(
         updates, state, params=None, *, inner_batch=_core.MISSING, outer_batch=_core.MISSING, **_
