@@ -1,7 +1,6 @@
 """What the per-sample-weighting studies share: minibatch plans and the baseline step.
 
-In ``bilevel_reweighting`` (and ``bilevel_cleaning``, whose ``train.py`` still holds
-its own copy of the same three pieces) the upper variable ``x`` holds one weight logit
+In ``bilevel_reweighting`` and ``bilevel_cleaning`` the upper variable ``x`` holds one weight logit
 per training sample and the lower variable ``y`` is trained on the weighted loss
 (:func:`benchmarks.problems.vit.reweighting_problem`,
 :func:`benchmarks.problems.cleaning.cleaning_problem`). Every method is trained on the

@@ -14,7 +14,7 @@ import optax
 from tqdm.auto import tqdm
 
 from benchmarks.harness import measure, parallel
-from benchmarks.problems import cleaning, methods, models
+from benchmarks.problems import cleaning, methods, models, weighting
 from optstab import bilevel
 
 BASELINES = ("no_cleaning", "oracle")
@@ -41,45 +41,22 @@ def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:
     sizes = (data.x_train.shape[1], *config.hidden, 10)
     params = models.mlp_init(jax.random.fold_in(jax.random.key(config.seed), seed), sizes)
     rng = np.random.default_rng([config.seed, seed])
-    n_train, n_val = data.x_train.shape[0], data.x_val.shape[0]
-    steps = config.num_steps
-    clean = np.flatnonzero(~data.corrupted)
-    return {
-        "seed": seed,
-        "data": data,
-        "params": params,
-        # minibatch indices of every step, drawn with replacement
-        "inner": rng.integers(0, n_train, (steps, config.inner_batch)).astype(np.int32),
-        "clean_inner": clean[rng.integers(0, clean.size, (steps, config.inner_batch))].astype(
-            np.int32
-        ),
-        "outer": rng.integers(0, n_val, (steps, config.outer_batch)).astype(np.int32),
-    }
+    plan = weighting.minibatch_plan(
+        rng,
+        config.num_steps,
+        data.x_train.shape[0],
+        data.x_val.shape[0],
+        np.flatnonzero(~data.corrupted),
+        config.inner_batch,
+        config.outer_batch,
+    )
+    return {"seed": seed, "data": data, "params": params, **plan}
 
 
 def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple[tuple, tuple]:
     """``(inner_batch, outer_batch)`` of step ``t`` for method ``name``, sharded over
     the ``data`` axis of ``mesh`` (if any)."""
-    data = setup["data"]
-    idx = setup["clean_inner" if name == "oracle" else "inner"][t]
-    out = setup["outer"][t]
-    inner = (idx, data.x_train[idx], data.y_train[idx])
-    return parallel.shard_batch((inner, (data.x_val[out], data.y_val[out])), mesh)
-
-
-def plain_step(problem: bilevel.BilevelProblem, inner_lr: float):
-    """``(x, y, inner_batch, outer_batch) -> (x, y)``: one SGD step on ``y``, ``x`` frozen.
-
-    Same calling convention as :func:`benchmarks.problems.cleaning.bilevel_step`, so
-    the baselines run through the same loop (the outer batch is not used).
-    """
-
-    def step(x, y, inner_batch, outer_batch):
-        del outer_batch
-        grads = jax.grad(problem.inner_loss, argnums=1)(x, y, inner_batch)
-        return x, jax.tree.map(lambda p, g: p - inner_lr * g, y, grads)
-
-    return step
+    return weighting.batches_at(setup["data"], setup, t, oracle=name == "oracle", mesh=mesh)
 
 
 def make_method(name: str, config: ml_collections.ConfigDict, setup: dict, mesh=None, fsdp=False):
@@ -89,7 +66,7 @@ def make_method(name: str, config: ml_collections.ConfigDict, setup: dict, mesh=
     x0 = jnp.full((setup["data"].x_train.shape[0],), config.init_logit, jnp.float32)
     if name in BASELINES:
         carry = parallel.place_params((x0, setup["params"]), mesh, fsdp)
-        return plain_step(problem, config.inner_lr), carry
+        return weighting.frozen_weights_step(problem, config.inner_lr), carry
     tx = solver(name, config, problem, setup["seed"])
     return cleaning.bilevel_step(tx), parallel.place_params((x0, tx.init(x0)), mesh, fsdp)
 
