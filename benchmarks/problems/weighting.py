@@ -11,12 +11,13 @@ samples (no weighting) and on the correctly labelled ones only (the oracle).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from benchmarks.harness import parallel
+from benchmarks.harness import measure, parallel
 from optstab import bilevel
 
 
@@ -64,3 +65,39 @@ def frozen_weights_step(problem: bilevel.BilevelProblem, inner_lr: float):
         return x, jax.tree.map(lambda p, g: p - inner_lr * g, y, grads)
 
     return step
+
+
+def train_and_time(
+    context, trained: list[str], setups: list[dict], compiled: dict, carries: dict,
+    fixed: dict, train_one: Callable[[str, dict], dict],
+) -> tuple[dict, dict, dict, dict]:  # fmt: skip
+    """Trains every method of ``trained`` on every seed's setup, one checkpointed stage
+    each (``train_one(name, setup) -> {"final": ..., "curves": ...}``), then times one
+    compiled step of every method of ``compiled`` round-robin.
+
+    Returns ``per_seed`` and ``curves`` (name -> one entry per seed), ``times`` (name ->
+    the timed steps, seconds) and ``cost`` (name -> ``peak_bytes``, ``step_time_s``,
+    ``compile_s``).
+    """
+    per_seed: dict[str, list[dict]] = {name: [] for name in trained}
+    curves: dict[str, list[dict]] = {name: [] for name in trained}
+    runs = [(name, setup) for name in trained for setup in setups]
+    for name, setup in context.each(runs, lambda run: f"{run[0]} seed {run[1]['seed']}"):
+        out = context.stage(
+            f"{name}-seed{setup['seed']}", lambda name=name, setup=setup: train_one(name, setup)
+        )
+        per_seed[name].append(out["final"])
+        curves[name].append(out["curves"])
+    config = context.config
+    times = measure.time_compiled_steps(
+        compiled, carries, fixed, config.step_repeats, config.warmup_rounds
+    )
+    cost = {
+        name: {
+            "peak_bytes": compiled[name].memory["total"],
+            "step_time_s": measure.median(times[name]),
+            "compile_s": compiled[name].compile_s,
+        }
+        for name in compiled
+    }
+    return per_seed, curves, times, cost

@@ -60,9 +60,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks.harness import Context, Study, measure, parallel
+from benchmarks.harness import Context, Study, parallel
 from benchmarks.harness.study import check_positive
-from benchmarks.problems import cleaning, methods, models
+from benchmarks.problems import cleaning, methods, models, weighting
 from benchmarks.studies.bilevel_cleaning import train
 from benchmarks.studies.bilevel_cleaning.report import (
     goal_checks,
@@ -104,29 +104,10 @@ def measure_study(names: list[str], context: Context) -> dict:
         compiled[name], carries[name], fixed[name] = train.compile_method(
             name, config, setups[0], mesh, fsdp
         )
-    per_seed: dict[str, list[dict]] = {name: [] for name in trained}
-    curves: dict[str, list[dict]] = {name: [] for name in trained}
-    runs = [(name, setup) for name in trained for setup in setups]
-    for name, setup in context.each(runs, lambda run: f"{run[0]} seed {run[1]['seed']}"):
-        out = context.stage(
-            f"{name}-seed{setup['seed']}",
-            lambda name=name, setup=setup: train.train(
-                name, compiled[name], config, setup, mesh, fsdp
-            ),
-        )
-        per_seed[name].append(out["final"])
-        curves[name].append(out["curves"])
-    times = measure.time_compiled_steps(
-        compiled, carries, fixed, config.step_repeats, config.warmup_rounds
-    )
-    cost = {
-        name: {
-            "peak_bytes": compiled[name].memory["total"],
-            "step_time_s": measure.median(times[name]),
-            "compile_s": compiled[name].compile_s,
-        }
-        for name in names
-    }
+    per_seed, curves, times, cost = weighting.train_and_time(
+        context, trained, setups, compiled, carries, fixed,
+        lambda name, setup: train.train(name, compiled[name], config, setup, mesh, fsdp),
+    )  # fmt: skip
     summaries = summarize(per_seed, cost)
     goal, reduction = goal_checks(summaries, config)
     target, to_target = time_to_target(curves, summaries, config)
