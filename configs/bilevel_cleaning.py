@@ -46,8 +46,8 @@ from configs import new_config
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (this 2-core CPU: about 2.5 minutes
-    of CPU time, 7 minutes of wall time at load average 15) or ``"full"`` (one GPU)."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (2 CPU cores: about 75 s) or
+    ``"full"`` (one GPU)."""
     if size == "tiny":  # the quick config, made small; its batches divide by 8
         c = get_config("quick")
         c.size = "tiny"

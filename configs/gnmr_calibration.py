@@ -58,8 +58,8 @@ def grid(start: float, stop: float, step: float = 0.5) -> tuple[float, ...]:
 
 
 def get_config(size: str = "quick") -> ml_collections.ConfigDict:
-    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (about 2 CPU-minutes: 5 minutes of
-    wall time on 2 shared cores at load 10-15) or ``"full"`` (one GPU)."""
+    """``size`` is ``"tiny"`` (seconds), ``"quick"`` (2 CPU cores: about 1 minute) or
+    ``"full"`` (one GPU)."""
     if size == "tiny":  # small models, few steps: a smoke run (the MLP only: the LM's
         # compilation alone would take the tests' time budget; quick runs every problem)
         c = get_config("quick")

@@ -140,10 +140,10 @@ def dsoba(
         """One node's adapt step: new w and the unmixed y, z (unchanged if not finite)."""
         outer = oracles.outer_gradients(problem, x, y, outer_batch)
         x_, z_, inner_batch = oracles.after(outer, x, z, inner_batch)
-        grad_y, hessian_z, cross_z = inner(x_, y, z_, inner_batch)
+        inner_value, grad_y, hessian_z, cross_z = inner(x_, y, z_, inner_batch)
         aux = jax.tree.map(jnp.subtract, hessian_z, outer.y)
         direction = jax.tree.map(jnp.subtract, outer.x, cross_z)
-        ok = _core.all_finite(grad_y, aux, direction)
+        ok = _core.all_finite(outer.loss, inner_value, grad_y, aux, direction)
         y = _core.descend(y, _core.zero_unless(ok, grad_y), beta(count))
         z = _core.descend(z_, _core.zero_unless(ok, aux), gamma(count))
         theta = jnp.where(ok, average, 0.0)  # a skipped step keeps w exactly
@@ -202,21 +202,22 @@ def consensus_error(tree: PyTree) -> jax.Array:
 
 
 def _product_oracles(problem: BilevelProblem):
-    """D-SOBA-SO: ``grad_y g``, ``H z``, ``J z`` from one forward-over-reverse pass."""
+    """D-SOBA-SO: ``g``, ``grad_y g``, ``H z``, ``J z`` from one forward-over-reverse pass."""
 
     def oracle(x, y, z, batch):
         result = oracles.inner_oracles(problem, x, y, z, batch)
-        return result.grad_y, result.hessian_z, result.cross_z
+        return result.loss, result.grad_y, result.hessian_z, result.cross_z
 
     return oracle
 
 
 def _fd_oracles(problem: BilevelProblem, fd_delta: float):
-    """D-SOBA-FO: the products as central differences of first-order gradients."""
+    """D-SOBA-FO: ``g``, ``grad_y g`` and the products as central differences of
+    first-order gradients."""
     grads = jax.grad(problem.inner_loss, argnums=(0, 1))
 
     def oracle(x, y, z, batch):
-        _, gy = grads(x, y, batch)
+        value, gy = jax.value_and_grad(problem.inner_loss, argnums=1)(x, y, batch)
         z_norm = optax.tree.norm(z)
         delta = fd_delta / jnp.maximum(z_norm, 1.0)
         shift = lambda sign: jax.tree.map(lambda a, b: a + sign * delta * b.astype(a.dtype), y, z)
@@ -225,7 +226,8 @@ def _fd_oracles(problem: BilevelProblem, fd_delta: float):
         central = lambda p, m: oracles.to_float32(
             jax.tree.map(lambda a, b: (a - b) / (2.0 * delta), p, m)
         )
-        return oracles.to_float32(gy), central(gy_plus, gy_minus), central(gx_plus, gx_minus)
+        products = central(gy_plus, gy_minus), central(gx_plus, gx_minus)
+        return value, oracles.to_float32(gy), *products
 
     return oracle
 

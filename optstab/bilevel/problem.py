@@ -37,11 +37,13 @@ class BilevelProblem(NamedTuple):
 
 
 class BilevelState(NamedTuple):
-    """State of :func:`~optstab.bilevel.soba`, ``ma_soba`` and ``bros``.
+    """State of :func:`~optstab.bilevel.soba`, ``ma_soba``, ``bros`` and ``dsoba``.
 
-    The field order is the checkpoint format (``nonfinite`` and then ``stats`` were
-    appended last, so a checkpoint written before they existed does not restore into
-    this state).
+    Under ``dsoba`` every field but ``key`` and ``count`` has a leading node axis
+    (``nonfinite`` is ``(n,)``: each node counts its own skipped steps). The field
+    order is the checkpoint format (``nonfinite`` and then ``stats`` were appended
+    last, so a checkpoint written before they existed does not restore into this
+    state).
     """
 
     y: PyTree  # lower variable, the dtype of inner_init
@@ -49,7 +51,7 @@ class BilevelState(NamedTuple):
     w: PyTree  # float32 moving average of the hypergradient, the structure of x
     key: jax.Array  # () typed PRNG key; BROS draws its probes from fold_in(key, period)
     count: jax.Array  # () int32 number of updates so far, skipped ones included
-    nonfinite: jax.Array  # () int32 updates skipped for a non-finite loss or derivative
+    nonfinite: jax.Array  # () int32 (dsoba: (n,)) updates skipped as not finite
     # Solver statistics: BROS's curvature statistics (per leaf of y, see
     # optstab.bilevel.bros); () for the other solvers.
     stats: PyTree = ()

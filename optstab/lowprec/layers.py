@@ -355,7 +355,8 @@ def recoverable_units(model: nnx.Module) -> Callable[[Any], Any]:
         raise ValueError("the model has no quantized layer (no layer with a low-precision path)")
 
     def unit_of(leaf_name: str) -> str | None:
-        owners = [path for path in layers if leaf_name.startswith(path + "/")]
+        # "" is a quantized layer at the model's root (the model is the layer).
+        owners = [p for p in layers if p == "" or leaf_name.startswith(p + "/")]
         return max(owners, key=len) if owners else None
 
     def labels(params: Any) -> Any:

@@ -44,7 +44,7 @@ every formula and default below is ours):
   at-risk rate is at most 0.5 per 1000 unit-updates on every problem, and of those
   take the bars that make the smallest spike visible. On held-out clean seeds the
   old bars (3, 2, 1; lock 10) raised 4.3 false triggers per 1000 unit-updates on
-  the MLP and 1.4-1.5 on the LM, the calibrated bars 0.07-0.13. The price: a jump
+  the MLP and 1.4-1.5 on the LM, the calibrated bars 0.085-0.13. The price: a jump
   must now reach 4.5x the unit's mean (or 3.5x with a 3x climb over its recent
   level, Delta-GNMR) to be seen, against 3x (or 2x above the mean) before.
   ``max_recover=1`` and ``warmup_steps=20`` are not calibrated: at these bars the
@@ -164,7 +164,8 @@ statistics; state memory ``O(S * U)`` (``O(S * U * w)`` with a ``short_window`` 
 ``w``). The per-unit sums are scattered leaf by leaf, so tracing and compiling grow
 with ``L``. Measured on 2 CPU cores, one AdamW step with one unit per row of a
 matrix: 1e4 rows of 1024 elements cost 1.2x AdamW's time, 1e5 rows of 128
-elements 1.6x (3.3x with a traced budget); with one unit per leaf, the controller
+elements 1.6x (3.3x with a traced budget; the overhead study's sweep, 1e5 rows of 64
+elements, gives 1.47x and 5.4x); with one unit per leaf, the controller
 adds a fixed few tens of microseconds to the ``O(P)`` read.
 
 Known limitation of this reconstruction: a *persistent* jump of a unit's gradient

@@ -261,3 +261,19 @@ def test_a_node_with_a_non_finite_loss_skips_its_own_step_only():
     np.testing.assert_array_equal(new.w[2], state.w[2])  # and keeps its average exactly
     assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(new.y)))
     assert np.all(np.isfinite(np.asarray(new.z)))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_non_finite_loss_with_finite_gradients_is_skipped_too(first_order):
+    # f + c with c = -inf in node 1's outer batch: every gradient stays finite, the loss
+    # does not; as the centralized solvers do, the node skips its step.
+    problem = bilevel.BilevelProblem(
+        inner_loss, lambda x, y, b: outer_loss(x, y, b[0]) + b[1][0], jnp.zeros(DIM)
+    )
+    tx = bilevel.dsoba(problem, topology.ring(4), 0.2, 0.2, 0.5, first_order=first_order)
+    (h, c), b, _ = heterogeneous_nodes(4)
+    x = jnp.ones((4, DIM))
+    shift = jnp.zeros((4, 1)).at[1, 0].set(-jnp.inf)
+    out, state = tx.update(x, tx.init(x), x, inner_batch=(h, c), outer_batch=(b, shift))
+    np.testing.assert_array_equal(state.nonfinite, [0, 1, 0, 0])
+    np.testing.assert_array_equal(out[1], np.zeros(DIM))

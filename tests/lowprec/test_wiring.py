@@ -238,3 +238,19 @@ def test_amax_signal_is_zero_before_the_first_call_and_kept_when_non_finite():
     layer = model.blocks[0].up
     assert not np.isfinite(float(lowprec.amax_signal(model)["blocks/0/up"]))
     assert float(layer.amax_history[0]) == 0.0  # the history skips it, the signal keeps it
+
+
+def test_a_bare_quantized_layer_is_its_own_recoverable_unit():
+    # The model is the layer: its path is "", as amax_signal's keys say, so GNMR's
+    # external signal names the one unit.
+    config = lowprec.quant_config("int8", scale_mode="delayed", history=2)
+    layer = lowprec.QuantLinear(2, 1, config=config, rngs=nnx.Rngs(0))
+    tx = optstab.gnmr(
+        action=("precision",), units=lowprec.recoverable_units(layer), signal="external"
+    )
+    params = nnx.state(layer, nnx.Param)
+    state = tx.init(params)
+    assert tuple(optstab.find_gnmr_state(state).units) == ("",)
+    layer(jnp.ones((1, 2)))
+    grads = jax.tree.map(jnp.zeros_like, params)
+    tx.update(grads, state, params, unit_signal=lowprec.amax_signal(layer))
