@@ -18,7 +18,7 @@ from flax import nnx
 import optstab
 from benchmarks.harness import measure, parallel
 from benchmarks.problems import data, lm, methods, models
-from benchmarks.studies.spike_injection import train as spike_train
+from benchmarks.problems import spike_training as spike_train
 from optstab import lowprec
 from optstab.stability import gnmr as gnmr_module
 

@@ -56,7 +56,9 @@ import optstab
 from benchmarks.harness import Context, Study, parallel, reporting
 from benchmarks.harness.study import check_positive
 from benchmarks.problems import data, methods, models
-from benchmarks.studies.spike_injection import report, stress, train
+from benchmarks.problems import spike_training as train
+from benchmarks.problems import spikes as stress
+from benchmarks.studies.spike_injection import report
 from benchmarks.studies.spike_injection.report import plot, table
 
 __all__ = ["STUDY", "plot", "run", "table"]

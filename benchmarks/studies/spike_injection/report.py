@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks.harness import reporting
 from benchmarks.problems import methods
-from benchmarks.studies.spike_injection.train import COUNTER_FIELDS
+from benchmarks.problems.spike_training import COUNTER_FIELDS
 
 # The loss-curve panels show these (the others would hide each other).
 CURVE_METHODS = ("clean", "none", "gnmr_clip", "gnmr_skip", "gnmr_clip_budget2")

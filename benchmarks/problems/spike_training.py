@@ -1,5 +1,7 @@
-"""Training of ``spike_injection``: per-seed setup, the vmapped scan over steps of one
-method, and what the study records at every step (see the package docstring)."""
+"""The digits MLP under injected gradient spikes, trained with AdamW and a stability
+method: per-seed setup, the vmapped scan over steps of one method, and what is recorded
+at every step. Used by ``spike_injection`` (see its docstring) and, without spikes, by
+``gnmr_calibration``."""
 
 from __future__ import annotations
 
@@ -12,8 +14,7 @@ import optax
 
 import optstab
 from benchmarks.harness import measure, parallel
-from benchmarks.problems import data, methods, models
-from benchmarks.studies.spike_injection import stress
+from benchmarks.problems import data, methods, models, spikes
 
 # The study's names for plain AdamW: trained without spikes, and with them.
 ROLES = {"clean": "adamw", "none": "adamw"}
@@ -132,7 +133,7 @@ def make_train(
             batch = parallel.batch_constraint((x_train[idx], y_train[idx]), mesh)
             loss, grads = jax.value_and_grad(models.cross_entropy)(params, *batch)
             if inject_spikes:
-                grads = stress.inject(grads, t, schedule, config.spike_kind)
+                grads = spikes.inject(grads, t, schedule, config.spike_kind)
             updates, new_state, handed_on = method_update(method, grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             acted = acted_units(name, method, opt_state, new_state, grads, handed_on, names)
@@ -199,7 +200,7 @@ def make_setup(
             batch_key, (config.num_steps, config.batch_size), 0, n_train, dtype=jnp.int32
         )
         leaf_sizes = [leaf.size for leaf in jax.tree.leaves(params)]
-        schedule = stress.spike_schedule(spike_key, leaf_sizes, config)
+        schedule = spikes.spike_schedule(spike_key, leaf_sizes, config)
         return {"params": params, "batches": batches, "schedule": schedule}
 
     keys = seed_keys(config.seed, config.num_seeds) if keys is None else keys

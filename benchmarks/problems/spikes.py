@@ -1,5 +1,5 @@
-"""The stress of ``spike_injection``: a seeded schedule of gradient spikes, and their
-injection between backpropagation and the optimizer (see the package docstring)."""
+"""Gradient spikes as a stress: a seeded schedule of spikes, and their injection between
+backpropagation and the optimizer (``spike_injection``'s stress; see its docstring)."""
 
 from __future__ import annotations
 
