@@ -981,10 +981,22 @@ def test_state_dtypes_are_stable_under_scan(name):
 
     final, outs = jax.jit(lambda s: jax.lax.scan(step, s, stacked))(tx.init(params))
     _, plain_states = _run(tx, grads)
+
     # The scanned and the step-by-step programs are compiled apart: XLA may reassociate
     # the <= 6-term norm sums and fuse differently (one rounding more or less per op).
-    # Over 6 steps of EMAs and one clip that is < 50 roundings: 50 * EPS32 = 3e-6.
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=3e-6), final, plain_states[-1])
+    # Over 6 steps of EMAs and one clip that is < 50 roundings: 50 * EPS32 = 3e-6
+    # relative. A variance of norms (ZClip's var, 4e-4 here against norms of 0.77) is a
+    # difference of terms of size norm^2, so each of those roundings moves it by up to
+    # EPS32 * norm^2 in absolute terms: atol 50 * EPS32 * norm^2 (1.8e-6) for it, with
+    # the typical (median) gradient norm of the stream.
+    norm = float(np.median([optax.tree.norm(g) for g in grads]))
+
+    def close(path, x, y):
+        field = getattr(path[-1], "name", None)
+        atol = 50 * EPS32 * norm**2 if field == "var" else 0.0
+        np.testing.assert_allclose(x, y, rtol=3e-6, atol=atol)
+
+    jax.tree_util.tree_map_with_path(close, final, plain_states[-1])
     assert jax.tree.map(lambda x: x.dtype, final) == jax.tree.map(
         lambda x: x.dtype, tx.init(params)
     )
