@@ -16,9 +16,26 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from benchmarks.harness import measure, parallel
+from benchmarks.problems import methods
 from optstab import bilevel
+
+
+def solver(name: str, config, problem: bilevel.BilevelProblem, seed: int):
+    """``chain(bilevel solver, sgd(config.outer_lr))`` of method ``name``: every solver
+    gets the config's step sizes (BROS through its default rank rule)."""
+    transform = methods.bilevel_solver(
+        name,
+        problem,
+        config.inner_lr,
+        config.aux_lr,
+        config.average,
+        key=config.seed + seed,
+        radius=config.radius,
+    )
+    return optax.chain(transform, optax.sgd(config.outer_lr))
 
 
 def minibatch_plan(

@@ -10,29 +10,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from benchmarks.harness import measure, parallel
-from benchmarks.problems import cleaning, methods, models, weighting
+from benchmarks.problems import cleaning, models, weighting
+from benchmarks.problems.weighting import solver
 from optstab import bilevel
 
 BASELINES = ("no_cleaning", "oracle")
-
-
-def solver(name: str, config: ml_collections.ConfigDict, problem, seed: int):
-    """``chain(bilevel solver, sgd(outer_lr))`` of method ``name``, with the shared step
-    sizes (BROS scales them by its rank rule)."""
-    transform = methods.bilevel_solver(
-        name,
-        problem,
-        config.inner_lr,
-        config.aux_lr,
-        config.average,
-        key=config.seed + seed,
-        radius=config.radius,
-    )
-    return optax.chain(transform, optax.sgd(config.outer_lr))
 
 
 def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:

@@ -15,7 +15,8 @@ import optax
 from tqdm.auto import tqdm
 
 from benchmarks.harness import measure, parallel
-from benchmarks.problems import cleaning, methods, vit, weighting
+from benchmarks.problems import cleaning, vit, weighting
+from benchmarks.problems.weighting import solver
 from optstab import bilevel
 
 BASELINES = ("no_reweighting", "oracle")
@@ -28,21 +29,6 @@ def model_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 def problem_of(config: ml_collections.ConfigDict, graphdef, params) -> bilevel.BilevelProblem:
     return vit.reweighting_problem(graphdef, params, config.l2)
-
-
-def solver(name: str, config: ml_collections.ConfigDict, problem, seed: int):
-    """``chain(bilevel solver, sgd(outer_lr))`` of method ``name``: every solver gets
-    the same step sizes (BROS through its default rank rule)."""
-    transform = methods.bilevel_solver(
-        name,
-        problem,
-        config.inner_lr,
-        config.aux_lr,
-        config.average,
-        key=config.seed + seed,
-        radius=config.radius,
-    )
-    return optax.chain(transform, optax.sgd(config.outer_lr))
 
 
 def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:
