@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from benchmarks.harness import measure, parallel
+from benchmarks.harness import measure, parallel, reporting
 from benchmarks.problems import methods
 from optstab import bilevel
 
@@ -118,3 +118,27 @@ def train_and_time(
         for name in compiled
     }
     return per_seed, curves, times, cost
+
+
+def accuracy_and_bytes_panels(axes, result: dict, trained: list[str], which: str = "") -> None:
+    """The first two panels of a weighting study's figure: test accuracy over seeds of
+    the ``trained`` methods (MA-SOBA's median and the goal's gap marked), and every
+    method's compiled bytes of one donated update step."""
+    s, raw, config = result["summary"], result["raw"], result["config"]
+    ax = axes[0]
+    accs = {m: [r["test_acc"] for r in raw["seeds"][m]] for m in trained}
+    title = f"test accuracy, {which}{config['num_seeds']} seeds"
+    reporting.seed_boxes(ax, trained, accs, "test accuracy of the final y (fraction)", title)
+    if "ma_soba" in s["methods"]:
+        reference = s["methods"]["ma_soba"]["test_acc"]
+        ax.axhline(reference, color=reporting.color("ma_soba"), lw=0.8, ls=":",
+                   label="ma_soba median")  # fmt: skip
+        ax.axhline(reference - config["goal_accuracy_gap"], color="tab:red", lw=0.8,
+                   ls="--", label="-1 pt")  # fmt: skip
+        ax.legend(fontsize=7)
+    names = reporting.ordered(s["methods"])
+    mib = {m: s["methods"][m]["peak_bytes"] / 2**20 for m in names}
+    reporting.method_bars(axes[1], names, {"compiled bytes": mib},
+                          "MiB (argument + output + temp - alias)",
+                          "compiled bytes of one donated update step")  # fmt: skip
+    axes[1].set_ylim(0, None)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks.harness import reporting
-from benchmarks.problems import methods
+from benchmarks.problems import methods, weighting
 
 
 def _median(values: list) -> float | None:
@@ -177,23 +177,7 @@ def plot(result: dict, path) -> Any:
     trained = [m for m in names if m in raw["seeds"]]
     fig, axes = reporting.figure(1, 4, (18, 4.2))
 
-    ax = axes[0]
-    accs = {m: [r["test_acc"] for r in raw["seeds"][m]] for m in trained}
-    title = f"test accuracy, trained methods, {config['num_seeds']} seeds"
-    reporting.seed_boxes(ax, trained, accs, "test accuracy of the final y (fraction)", title)
-    if "ma_soba" in s["methods"]:
-        reference = s["methods"]["ma_soba"]["test_acc"]
-        ax.axhline(reference, color=reporting.color("ma_soba"), lw=0.8, ls=":",
-                   label="ma_soba median")  # fmt: skip
-        ax.axhline(reference - config["goal_accuracy_gap"], color="tab:red", lw=0.8,
-                   ls="--", label="-1 pt")  # fmt: skip
-        ax.legend(fontsize=7)
-
-    mib = {m: s["methods"][m]["peak_bytes"] / 2**20 for m in names}
-    reporting.method_bars(axes[1], names, {"compiled bytes": mib},
-                          "MiB (argument + output + temp - alias)",
-                          "compiled bytes of one donated update step, every method")  # fmt: skip
-    axes[1].set_ylim(0, None)
+    weighting.accuracy_and_bytes_panels(axes[:2], result, trained, "trained methods, ")
 
     for ax, key, title, ylabel in (
         (axes[2], "val_loss", "validation loss (median over seeds)", "cross-entropy (nats)"),

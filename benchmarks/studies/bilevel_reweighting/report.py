@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks.harness import reporting
-from benchmarks.problems import methods
+from benchmarks.problems import methods, weighting
 
 # Per-seed figures summarised by their median (None where a method has none).
 MEDIAN_KEYS = (
@@ -157,23 +157,7 @@ def plot(result: dict, path) -> Any:
     names = reporting.ordered(s["methods"])
     fig, axes = reporting.figure(1, 4, (18, 4.2))
 
-    ax = axes[0]
-    accs = {m: [r["test_acc"] for r in raw["seeds"][m]] for m in names}
-    title = f"test accuracy, {config['num_seeds']} seeds"
-    reporting.seed_boxes(ax, names, accs, "test accuracy of the final y (fraction)", title)
-    if "ma_soba" in s["methods"]:
-        reference = s["methods"]["ma_soba"]["test_acc"]
-        ax.axhline(reference, color=reporting.color("ma_soba"), lw=0.8, ls=":",
-                   label="ma_soba median")  # fmt: skip
-        ax.axhline(reference - config["goal_accuracy_gap"], color="tab:red", lw=0.8,
-                   ls="--", label="-1 pt")  # fmt: skip
-        ax.legend(fontsize=7)
-
-    mib = {m: s["methods"][m]["peak_bytes"] / 2**20 for m in names}
-    reporting.method_bars(axes[1], names, {"compiled bytes": mib},
-                          "MiB (argument + output + temp - alias)",
-                          "compiled bytes of one donated update step")  # fmt: skip
-    axes[1].set_ylim(0, None)
+    weighting.accuracy_and_bytes_panels(axes[:2], result, names)
 
     ax = axes[2]
     for m in names:
