@@ -11,15 +11,18 @@ samples (no weighting) and on the correctly labelled ones only (the oracle).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from benchmarks.harness import measure, parallel, reporting
-from benchmarks.problems import methods
+from benchmarks.problems import cleaning, methods
 from optstab import bilevel
 
 
@@ -142,3 +145,68 @@ def accuracy_and_bytes_panels(axes, result: dict, trained: list[str], which: str
                           "MiB (argument + output + temp - alias)",
                           "compiled bytes of one donated update step")  # fmt: skip
     axes[1].set_ylim(0, None)
+
+
+def method_and_carry(name: str, config, setup: dict, problem, baseline: bool, mesh, fsdp):
+    """``(step, initial carry)`` of method ``name`` on the seed of ``setup``: SGD on
+    ``y`` with ``x`` frozen for a ``baseline``, else the chained solver; ``x`` starts at
+    ``config.init_logit`` for every sample. The carry is placed on ``mesh`` (if any)."""
+    x0 = jnp.full((setup["data"].x_train.shape[0],), config.init_logit, jnp.float32)
+    if baseline:
+        carry = parallel.place_params((x0, setup["params"]), mesh, fsdp)
+        return frozen_weights_step(problem, config.inner_lr), carry
+    tx = solver(name, config, problem, setup["seed"])
+    return cleaning.bilevel_step(tx), parallel.place_params((x0, tx.init(x0)), mesh, fsdp)
+
+
+def lower_variable(carry: tuple, baseline: bool) -> Any:
+    """The model parameters ``y`` held in a method's carry."""
+    return carry[1] if baseline else bilevel.inner_params(carry[1])
+
+
+def train_method(
+    name: str, compiled, config, setup: dict, carry: tuple, baseline: bool,
+    batches: Callable[[int], tuple], evaluate: Callable, weight_statistics: Callable,
+) -> dict:  # fmt: skip
+    """Runs ``config.num_steps`` updates of ``compiled`` from ``carry``; final metrics
+    and curves of validation loss and accuracy (and the detection F1 of ``x``) every
+    ``config.eval_every`` steps. ``batches(t)`` is step ``t``'s batches, ``evaluate(y,
+    inputs, labels)`` the mean loss and accuracy, ``weight_statistics(logits, data)`` the
+    solver's summary of ``x``. Returns plain Python values (a checkpointable stage)."""
+    data = setup["data"]
+    curves: dict[str, list] = {"step": [], "val_loss": [], "val_acc": []}
+    if not baseline:
+        curves["detect_f1"] = []
+
+    def record(t, carry):
+        loss, acc = evaluate(lower_variable(carry, baseline), data.x_val, data.y_val)
+        curves["step"].append(t)
+        curves["val_loss"].append(float(loss))
+        curves["val_acc"].append(float(acc))
+        if not baseline:
+            curves["detect_f1"].append(cleaning.detection_f1(np.asarray(carry[0]), data.corrupted))
+
+    record(0, carry)
+    start = time.perf_counter()
+    for t in tqdm(range(config.num_steps), desc=f"{name} seed {setup['seed']}", leave=False):
+        carry = compiled.fn(*carry, *batches(t))
+        if (t + 1) % config.eval_every == 0 or t + 1 == config.num_steps:
+            record(t + 1, carry)
+    jax.block_until_ready(carry)
+    train_s = time.perf_counter() - start
+
+    y = lower_variable(carry, baseline)
+    test_loss, test_acc = evaluate(y, data.x_test, data.y_test)
+    leaves = jax.tree.leaves((carry[0], y))
+    final = {
+        "test_acc": float(test_acc),
+        "test_loss": float(test_loss),
+        "val_acc": curves["val_acc"][-1],
+        "val_loss": curves["val_loss"][-1],
+        "finite": bool(all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)),
+        "train_s": train_s,
+    }
+    if not baseline:
+        final.update(weight_statistics(np.asarray(carry[0]), data))
+        final["nonfinite_steps"] = int(bilevel.find_bilevel_state(carry[1]).nonfinite)
+    return {"final": final, "curves": curves}

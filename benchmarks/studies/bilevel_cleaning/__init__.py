@@ -90,7 +90,7 @@ def prepare(config: ml_collections.ConfigDict, mesh: Any) -> list[str]:
     problem = cleaning.cleaning_problem(params, config.l2)
     for name in names:
         if name not in train.BASELINES:
-            train.solver(name, config, problem, seed=0)
+            weighting.solver(name, config, problem, seed=0)
     return names
 
 

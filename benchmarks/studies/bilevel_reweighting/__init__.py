@@ -108,7 +108,7 @@ def prepare(config: ml_collections.ConfigDict, mesh: Any) -> list[str]:
     problem = train.problem_of(config, graphdef, params)
     for name in names:
         if name not in train.BASELINES:
-            train.solver(name, config, problem, seed=0)
+            weighting.solver(name, config, problem, seed=0)
     return names
 
 

@@ -4,19 +4,15 @@ donated update step and initial carry, and the training loop with its curves."""
 from __future__ import annotations
 
 import functools
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from benchmarks.harness import measure, parallel
+from benchmarks.harness import measure
 from benchmarks.problems import cleaning, vit, weighting
-from benchmarks.problems.weighting import solver
 from optstab import bilevel
 
 BASELINES = ("no_reweighting", "oracle")
@@ -56,17 +52,7 @@ def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple[tuple, tuple]
 def make_method(name: str, config, setup: dict, mesh=None, fsdp=False):
     """``(step, initial carry)`` of method ``name`` on the seed of ``setup``."""
     problem = problem_of(config, setup["graphdef"], setup["params"])
-    x0 = jnp.full((setup["data"].x_train.shape[0],), config.init_logit, jnp.float32)
-    if name in BASELINES:
-        carry = parallel.place_params((x0, setup["params"]), mesh, fsdp)
-        return weighting.frozen_weights_step(problem, config.inner_lr), carry
-    tx = solver(name, config, problem, setup["seed"])
-    return cleaning.bilevel_step(tx), parallel.place_params((x0, tx.init(x0)), mesh, fsdp)
-
-
-def lower_variable(name: str, carry: tuple) -> Any:
-    """The ViT parameters ``y`` held in a method's carry."""
-    return carry[1] if name in BASELINES else bilevel.inner_params(carry[1])
+    return weighting.method_and_carry(name, config, setup, problem, name in BASELINES, mesh, fsdp)
 
 
 def compile_method(
@@ -113,49 +99,11 @@ def weight_statistics(logits: np.ndarray, data: vit.ReweightingData) -> dict:
 def train(
     name: str, compiled: measure.CompiledStep, config, setup: dict, mesh=None, fsdp=False
 ) -> dict:
-    """Runs ``num_steps`` updates of ``name`` on one seed; final metrics and curves.
-
-    Returns plain dicts, lists and Python scalars (a checkpointable stage).
-    """
-    data = setup["data"]
-    graphdef = setup["graphdef"]
+    """Runs ``num_steps`` updates of ``name`` on one seed; final metrics and curves."""
     _, carry = make_method(name, config, setup, mesh, fsdp)
-    carry = measure.fresh_copy(carry)
-    solver_run = name not in BASELINES
-    curves: dict[str, list] = {"step": [], "val_loss": [], "val_acc": []}
-    if solver_run:
-        curves["detect_f1"] = []
-
-    def record(t, carry):
-        loss, acc = evaluate(graphdef, lower_variable(name, carry), data.x_val, data.y_val)
-        curves["step"].append(t)
-        curves["val_loss"].append(float(loss))
-        curves["val_acc"].append(float(acc))
-        if solver_run:
-            curves["detect_f1"].append(cleaning.detection_f1(np.asarray(carry[0]), data.corrupted))
-
-    record(0, carry)
-    start = time.perf_counter()
-    for t in tqdm(range(config.num_steps), desc=f"{name} seed {setup['seed']}", leave=False):
-        carry = compiled.fn(*carry, *batches_at(setup, name, t, mesh))
-        if (t + 1) % config.eval_every == 0 or t + 1 == config.num_steps:
-            record(t + 1, carry)
-    jax.block_until_ready(carry)
-    train_s = time.perf_counter() - start
-
-    y = lower_variable(name, carry)
-    test_loss, test_acc = evaluate(graphdef, y, data.x_test, data.y_test)
-    final = {
-        "test_acc": float(test_acc),
-        "test_loss": float(test_loss),
-        "val_acc": curves["val_acc"][-1],
-        "val_loss": curves["val_loss"][-1],
-        "finite": bool(
-            all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves((carry[0], y)))
-        ),
-        "train_s": train_s,
-    }
-    if solver_run:
-        final.update(weight_statistics(np.asarray(carry[0]), data))
-        final["nonfinite_steps"] = int(bilevel.find_bilevel_state(carry[1]).nonfinite)
-    return {"final": final, "curves": curves}
+    graphdef = setup["graphdef"]
+    return weighting.train_method(
+        name, compiled, config, setup, measure.fresh_copy(carry), name in BASELINES,
+        lambda t: batches_at(setup, name, t, mesh),
+        lambda y, images, labels: evaluate(graphdef, y, images, labels), weight_statistics,
+    )  # fmt: skip
