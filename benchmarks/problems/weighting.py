@@ -210,3 +210,62 @@ def train_method(
         final.update(weight_statistics(np.asarray(carry[0]), data))
         final["nonfinite_steps"] = int(bilevel.find_bilevel_state(carry[1]).nonfinite)
     return {"final": final, "curves": curves}
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def summarize(per_seed: dict[str, list[dict]], cost: dict[str, dict], keys) -> dict:
+    """name -> medians over seeds of the per-seed figures ``keys`` (``None`` where a
+    method has none), the spread of test accuracy, the diverged seeds and the cost
+    columns with their ratios to MA-SOBA's. A method measured but not trained (a
+    memory-only variant) gets its cost only."""
+    rows = {}
+    for name in cost:
+        records = per_seed.get(name)
+        entry: dict[str, Any] = {}
+        if records:
+            entry = {key: _median([r.get(key) for r in records]) for key in keys}
+            accs = [r["test_acc"] for r in records]
+            entry["test_acc_min"], entry["test_acc_max"] = min(accs), max(accs)
+            entry["diverged"] = sum(not r["finite"] for r in records)
+            entry["trained"] = True
+        else:
+            entry.update(test_acc=None, detect_f1=None, trained=False)
+        entry.update(cost[name])
+        rows[name] = entry
+    reference = rows.get("ma_soba")
+    if reference is not None:
+        for entry in rows.values():
+            entry["peak_bytes_ratio"] = entry["peak_bytes"] / reference["peak_bytes"]
+            entry["step_time_ratio"] = entry["step_time_s"] / reference["step_time_s"]
+    return rows
+
+
+def rank_goals(rows: dict, config) -> tuple[dict, float | None]:
+    """The issue's goals for every trained BROS rank, and the memory reduction.
+
+    A rank is within the accuracy goal when its median test accuracy is at most
+    ``goal_accuracy_gap`` below MA-SOBA's (better also counts). The reduction is the
+    largest ``1 - bytes(BROS) / bytes(MA-SOBA)`` among those ranks (``None`` if none).
+    """
+    goal: dict[str, Any] = {}
+    reference = rows.get("ma_soba")
+    if reference is None or reference["test_acc"] is None:
+        return goal, None
+    best = None
+    for name, m in rows.items():
+        if methods.bros_rank(name) is None or name.endswith("_naive") or not m["trained"]:
+            continue
+        gap = reference["test_acc"] - m["test_acc"]
+        within = bool(gap <= config.goal_accuracy_gap + 1e-9)
+        saved = 1.0 - m["peak_bytes_ratio"]
+        goal[f"{name}_accuracy_gap"] = gap
+        goal[f"{name}_within_1pt_of_ma_soba"] = within
+        goal[f"{name}_bytes_saved"] = saved
+        goal[f"{name}_time_ratio_ok"] = bool(m["step_time_ratio"] <= config.goal_time_ratio)
+        if within:
+            best = saved if best is None else max(best, saved)
+    return goal, best

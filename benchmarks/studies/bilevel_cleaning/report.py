@@ -9,39 +9,18 @@ import ml_collections
 import numpy as np
 
 from benchmarks.harness import reporting
-from benchmarks.problems import methods, weighting
+from benchmarks.problems import weighting
 
-
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.median(values)) if values else None
+# Per-seed figures summarised by their median (None where a method has none).
+MEDIAN_KEYS = (
+    "test_acc", "detect_f1", "test_loss", "val_acc", "val_loss",
+    "clean_weight", "corrupted_weight",
+)  # fmt: skip
 
 
 def summarize(per_seed: dict[str, list[dict]], cost: dict[str, dict]) -> dict:
     """name -> medians over seeds of the per-seed records, and the cost columns."""
-    rows = {}
-    for name in cost:
-        records = per_seed.get(name)
-        entry: dict[str, Any] = {}
-        if records:
-            accs = [r["test_acc"] for r in records]
-            for key in ("test_acc", "detect_f1", "test_loss", "val_acc", "val_loss"):
-                entry[key] = _median([r[key] for r in records])
-            for key in ("clean_weight", "corrupted_weight"):
-                entry[key] = _median([r[key] for r in records])
-            entry["test_acc_min"], entry["test_acc_max"] = min(accs), max(accs)
-            entry["diverged"] = sum(not r["finite"] for r in records)
-            entry["trained"] = True
-        else:
-            entry.update(test_acc=None, detect_f1=None, trained=False)
-        entry.update(cost[name])
-        rows[name] = entry
-    reference = rows.get("ma_soba")
-    if reference is not None:
-        for entry in rows.values():
-            entry["peak_bytes_ratio"] = entry["peak_bytes"] / reference["peak_bytes"]
-            entry["step_time_ratio"] = entry["step_time_s"] / reference["step_time_s"]
-    return rows
+    return weighting.summarize(per_seed, cost, MEDIAN_KEYS)
 
 
 def time_to_target(
@@ -77,29 +56,9 @@ def time_to_target(
 
 
 def goal_checks(rows: dict, config: ml_collections.ConfigDict) -> tuple[dict, float | None]:
-    """The issue's goals for every trained BROS rank, and the memory reduction.
-
-    A rank qualifies when its median test accuracy is at most ``goal_accuracy_gap``
-    below MA-SOBA's (being better also qualifies). The reduction is the largest
-    ``1 - bytes(BROS) / bytes(MA-SOBA)`` among qualifying ranks (``None`` if none).
-    """
-    goal: dict[str, Any] = {}
-    reference = rows.get("ma_soba")
-    if reference is None or reference["test_acc"] is None:
-        return goal, None
-    best = None
-    for name, m in rows.items():
-        if methods.bros_rank(name) is None or name.endswith("_naive") or not m["trained"]:
-            continue
-        gap = reference["test_acc"] - m["test_acc"]
-        within = bool(gap <= config.goal_accuracy_gap + 1e-9)
-        goal[f"{name}_accuracy_gap"] = gap
-        goal[f"{name}_within_1pt_of_ma_soba"] = within
-        goal[f"{name}_time_ratio_ok"] = bool(m["step_time_ratio"] <= config.goal_time_ratio)
-        if within:
-            saved = 1.0 - m["peak_bytes_ratio"]
-            best = saved if best is None else max(best, saved)
-    return goal, best
+    """The issue's goals for every trained BROS rank, and the memory reduction
+    (:func:`benchmarks.problems.weighting.rank_goals`)."""
+    return weighting.rank_goals(rows, config)
 
 
 def table(result: dict) -> str:

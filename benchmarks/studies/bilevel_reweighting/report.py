@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks.harness import reporting
-from benchmarks.problems import methods, weighting
+from benchmarks.problems import weighting
 
 # Per-seed figures summarised by their median (None where a method has none).
 MEDIAN_KEYS = (
@@ -25,59 +25,27 @@ MEDIAN_KEYS = (
 )
 
 
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.median(values)) if values else None
-
-
 def summarize(per_seed: dict[str, list[dict]], cost: dict[str, dict]) -> dict:
-    """name -> medians over seeds of the per-seed records, and the cost columns with
-    their ratios to MA-SOBA's."""
-    rows = {}
-    for name, records in per_seed.items():
-        entry: dict[str, Any] = {key: _median([r.get(key) for r in records]) for key in MEDIAN_KEYS}
-        accs = [r["test_acc"] for r in records]
-        entry["test_acc_min"], entry["test_acc_max"] = min(accs), max(accs)
-        entry["diverged"] = sum(not r["finite"] for r in records)
-        entry.update(cost[name])
-        rows[name] = entry
-    reference = rows.get("ma_soba")
-    if reference is not None:
-        for entry in rows.values():
-            entry["peak_bytes_ratio"] = entry["peak_bytes"] / reference["peak_bytes"]
-            entry["step_time_ratio"] = entry["step_time_s"] / reference["step_time_s"]
-    return rows
+    """name -> medians over seeds of the per-seed records, the cost columns and their
+    ratios to MA-SOBA's."""
+    return weighting.summarize(per_seed, cost, MEDIAN_KEYS)
 
 
 def goal_checks(rows: dict, config: ml_collections.ConfigDict) -> tuple[dict, float | None]:
-    """The issue's goal for every BROS rank, and the memory reduction.
-
-    A rank is within the accuracy goal when its median test accuracy is at most
-    ``goal_accuracy_gap`` below MA-SOBA's (better also counts). The reduction is the
-    largest ``1 - bytes(BROS) / bytes(MA-SOBA)`` among those ranks (``None`` if none).
-    ``met``: some rank is within the accuracy goal, saves at least ``goal_reduction``
-    of the bytes and takes at most ``goal_time_ratio`` of MA-SOBA's step time.
-    """
-    goal: dict[str, Any] = {}
-    reference = rows.get("ma_soba")
-    if reference is None:
-        return goal, None
-    best, met = None, False
-    for name, m in rows.items():
-        if methods.bros_rank(name) is None:
-            continue
-        gap = reference["test_acc"] - m["test_acc"]
-        within = bool(gap <= config.goal_accuracy_gap + 1e-9)
-        saved = 1.0 - m["peak_bytes_ratio"]
-        fast = bool(m["step_time_ratio"] <= config.goal_time_ratio)
-        goal[f"{name}_accuracy_gap"] = gap
-        goal[f"{name}_within_1pt_of_ma_soba"] = within
-        goal[f"{name}_bytes_saved"] = saved
-        goal[f"{name}_time_ratio_ok"] = fast
-        if within:
-            best = saved if best is None else max(best, saved)
-            met = met or (fast and saved >= config.goal_reduction)
-    goal["met"] = met
+    """The issue's goal for every BROS rank (:func:`benchmarks.problems.weighting.rank_goals`)
+    and the memory reduction. ``met``: some rank is within the accuracy goal, saves at
+    least ``goal_reduction`` of the bytes and takes at most ``goal_time_ratio`` of
+    MA-SOBA's step time."""
+    goal, best = weighting.rank_goals(rows, config)
+    if "ma_soba" not in rows:
+        return goal, best
+    goal["met"] = any(
+        goal[f"{name}_within_1pt_of_ma_soba"]
+        and goal[f"{name}_time_ratio_ok"]
+        and goal[f"{name}_bytes_saved"] >= config.goal_reduction
+        for name in rows
+        if f"{name}_within_1pt_of_ma_soba" in goal
+    )
     return goal, best
 
 
