@@ -190,6 +190,20 @@ class Decoder(nnx.Module):
         return self.head(self.norm(x))
 
 
+SIZE_FIELDS = ("width", "depth", "heads", "mlp_width", "context")
+
+
+def decoder(sizes: Mapping[str, int], quant: lowprec.QuantConfig, key: jax.Array) -> Decoder:
+    """The :class:`Decoder` of ``sizes`` (a mapping with :data:`SIZE_FIELDS`, such as a
+    config) with quantizers ``quant``; parameters drawn from ``key``, the quantizers'
+    randomness (stochastic rounding) from ``fold_in(key, 1)``."""
+    return Decoder(
+        **{field: sizes[field] for field in SIZE_FIELDS},
+        config=quant,
+        rngs=nnx.Rngs(params=key, quant=jax.random.fold_in(key, 1)),
+    )
+
+
 def _block_entries(given: Mapping[str, jax.Array] | None, prefix: str) -> dict[str, jax.Array]:
     """The entries of ``given`` under ``prefix``, keyed by the rest of their path."""
     return {k[len(prefix) :]: v for k, v in (given or {}).items() if k.startswith(prefix)}

@@ -164,16 +164,7 @@ def lm_quant(config: ml_collections.ConfigDict) -> lowprec.QuantConfig:
 
 
 def lm_model(config: ml_collections.ConfigDict, key: jax.Array) -> lm.Decoder:
-    c = config.lm
-    return lm.Decoder(
-        width=c.width,
-        depth=c.depth,
-        heads=c.heads,
-        mlp_width=c.mlp_width,
-        context=c.context,
-        config=lm_quant(config),
-        rngs=nnx.Rngs(params=key, quant=jax.random.fold_in(key, 1)),
-    )
+    return lm.decoder(config.lm, lm_quant(config), key)
 
 
 def lm_units(config: ml_collections.ConfigDict):

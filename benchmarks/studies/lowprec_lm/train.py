@@ -62,15 +62,7 @@ def method_quant(
 
 
 def make_model(config: ml_collections.ConfigDict, quant: lowprec.QuantConfig, key) -> lm.Decoder:
-    return lm.Decoder(
-        width=config.width,
-        depth=config.depth,
-        heads=config.heads,
-        mlp_width=config.mlp_width,
-        context=config.context,
-        config=quant,
-        rngs=nnx.Rngs(params=key, quant=jax.random.fold_in(key, 1)),
-    )
+    return lm.decoder(config, quant, key)
 
 
 def gnmr_units(config: ml_collections.ConfigDict):
