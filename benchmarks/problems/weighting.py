@@ -1,12 +1,16 @@
-"""What the per-sample-weighting studies share: minibatch plans and the baseline step.
+"""What the per-sample-weighting studies share (``bilevel_cleaning``, ``bilevel_reweighting``).
 
-In ``bilevel_reweighting`` and ``bilevel_cleaning`` the upper variable ``x`` holds one weight logit
-per training sample and the lower variable ``y`` is trained on the weighted loss
-(:func:`benchmarks.problems.vit.reweighting_problem`,
-:func:`benchmarks.problems.cleaning.cleaning_problem`). Every method is trained on the
-same minibatches (:func:`minibatch_plan`, :func:`batches_at`) and the solvers are
-compared with SGD on ``y`` alone, ``x`` frozen (:func:`frozen_weights_step`): on all
-samples (no weighting) and on the correctly labelled ones only (the oracle).
+The upper variable ``x`` holds one weight logit per training sample and the lower
+variable ``y`` is trained on the weighted loss
+(:func:`benchmarks.problems.cleaning.cleaning_problem`,
+:func:`benchmarks.problems.vit.reweighting_problem`). Every method is trained on the
+same minibatches (:func:`minibatch_plan`, :func:`batches_at`); the solvers
+(:func:`solver`) are compared with SGD on ``y`` alone, ``x`` frozen
+(:func:`frozen_weights_step`): on all samples and on the correctly labelled ones only
+(the oracle). :func:`method_and_carry`, :func:`train_method` and
+:func:`train_and_time` run them; :func:`summarize`, :func:`rank_goals` and
+:func:`accuracy_and_bytes_panels` report them. A study brings its problem, its
+evaluation and its statistics of the learned weights.
 """
 
 from __future__ import annotations
