@@ -45,34 +45,34 @@ def solver(name: str, config, problem: bilevel.BilevelProblem, seed: int):
     return optax.chain(transform, optax.sgd(config.outer_lr))
 
 
-def minibatch_plan(
-    rng: np.random.Generator,
-    steps: int,
-    n_train: int,
-    n_val: int,
-    clean: np.ndarray,
-    inner_batch: int,
-    outer_batch: int,
-) -> dict[str, np.ndarray]:
-    """Minibatch indices of every step, drawn with replacement (int32 arrays).
+def minibatch_plan(config, seed: int, data: Any) -> dict[str, np.ndarray]:
+    """Minibatch indices of every step of seed ``seed``, drawn with replacement from
+    ``default_rng([config.seed, seed])`` (int32 arrays).
 
-    Returns ``inner`` (``steps x inner_batch``, training samples), ``clean_inner`` (the
-    same shape, drawn from the indices ``clean`` only: the oracle's batches) and
-    ``outer`` (``steps x outer_batch``, validation samples).
+    Returns ``inner`` (``num_steps x inner_batch``, training samples of ``data``),
+    ``clean_inner`` (the same shape, drawn from the samples whose label is not
+    corrupted: the oracle's batches) and ``outer`` (``num_steps x outer_batch``,
+    validation samples).
     """
+    rng = np.random.default_rng([config.seed, seed])
+    steps, n_train, n_val = config.num_steps, data.x_train.shape[0], data.x_val.shape[0]
+    clean = np.flatnonzero(~data.corrupted)
     return {
-        "inner": rng.integers(0, n_train, (steps, inner_batch)).astype(np.int32),
-        "clean_inner": clean[rng.integers(0, clean.size, (steps, inner_batch))].astype(np.int32),
-        "outer": rng.integers(0, n_val, (steps, outer_batch)).astype(np.int32),
+        "inner": rng.integers(0, n_train, (steps, config.inner_batch)).astype(np.int32),
+        "clean_inner": clean[rng.integers(0, clean.size, (steps, config.inner_batch))].astype(
+            np.int32
+        ),
+        "outer": rng.integers(0, n_val, (steps, config.outer_batch)).astype(np.int32),
     }
 
 
-def batches_at(data: Any, plan: dict, t: int, oracle: bool = False, mesh=None) -> tuple:
-    """``(inner_batch, outer_batch)`` of step ``t``: ``(indices, inputs, labels)`` of
-    the training split and ``(inputs, labels)`` of the validation split of ``data``
-    (fields ``x_train``, ``y_train``, ``x_val``, ``y_val``), sharded over the ``data``
-    axis of ``mesh`` (if any). ``oracle`` draws from ``plan["clean_inner"]``."""
-    idx = plan["clean_inner" if oracle else "inner"][t]
+def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple:
+    """``(inner_batch, outer_batch)`` of step ``t`` for method ``name``: ``(indices,
+    inputs, labels)`` of the training split and ``(inputs, labels)`` of the validation
+    split of ``setup["data"]`` by ``setup["plan"]`` (the method ``"oracle"`` draws from
+    ``clean_inner``), sharded over the ``data`` axis of ``mesh`` (if any)."""
+    data, plan = setup["data"], setup["plan"]
+    idx = plan["clean_inner" if name == "oracle" else "inner"][t]
     out = plan["outer"][t]
     inner = (idx, data.x_train[idx], data.y_train[idx])
     return parallel.shard_batch((inner, (data.x_val[out], data.y_val[out])), mesh)

@@ -19,23 +19,8 @@ def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:
     data = cleaning.cleaning_data(config.seed + seed, config.corruption)
     sizes = (data.x_train.shape[1], *config.hidden, 10)
     params = models.mlp_init(jax.random.fold_in(jax.random.key(config.seed), seed), sizes)
-    rng = np.random.default_rng([config.seed, seed])
-    plan = weighting.minibatch_plan(
-        rng,
-        config.num_steps,
-        data.x_train.shape[0],
-        data.x_val.shape[0],
-        np.flatnonzero(~data.corrupted),
-        config.inner_batch,
-        config.outer_batch,
-    )
-    return {"seed": seed, "data": data, "params": params, **plan}
-
-
-def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple[tuple, tuple]:
-    """``(inner_batch, outer_batch)`` of step ``t`` for method ``name``, sharded over
-    the ``data`` axis of ``mesh`` (if any)."""
-    return weighting.batches_at(setup["data"], setup, t, oracle=name == "oracle", mesh=mesh)
+    plan = weighting.minibatch_plan(config, seed, data)
+    return {"seed": seed, "data": data, "params": params, "plan": plan}
 
 
 def make_method(name: str, config: ml_collections.ConfigDict, setup: dict, mesh=None, fsdp=False):
@@ -69,7 +54,7 @@ def train(
     baseline = name in BASELINES
     out = weighting.train_method(
         name, compiled, config, setup, measure.fresh_copy(carry), baseline,
-        lambda t: batches_at(setup, name, t, mesh), _evaluate, weight_statistics,
+        lambda t: weighting.batches_at(setup, name, t, mesh), _evaluate, weight_statistics,
     )  # fmt: skip
     if baseline:  # the summary's columns exist for every method
         out["final"].update(detect_f1=None, clean_weight=None, corrupted_weight=None)
@@ -82,5 +67,5 @@ def compile_method(
     """The compiled donated step of ``name``, its initial carry and a fixed batch
     (placed on ``mesh``, if any, as the training places them)."""
     step, carry = make_method(name, config, setup, mesh, fsdp)
-    batch = batches_at(setup, name, 0, mesh)
+    batch = weighting.batches_at(setup, name, 0, mesh)
     return measure.compile_step(step, *carry, *batch, mesh=mesh), carry, batch

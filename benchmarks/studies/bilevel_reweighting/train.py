@@ -32,21 +32,8 @@ def seed_setup(config: ml_collections.ConfigDict, seed: int) -> dict:
     data = vit.reweighting_data(config.seed + seed, config.noise, config.imbalance)
     key = jax.random.fold_in(jax.random.key(config.seed), seed)
     graphdef, params = vit.init(key, **model_sizes(config))
-    plan = weighting.minibatch_plan(
-        np.random.default_rng([config.seed, seed]),
-        config.num_steps,
-        data.x_train.shape[0],
-        data.x_val.shape[0],
-        np.flatnonzero(~data.corrupted),
-        config.inner_batch,
-        config.outer_batch,
-    )
+    plan = weighting.minibatch_plan(config, seed, data)
     return {"seed": seed, "data": data, "graphdef": graphdef, "params": params, "plan": plan}
-
-
-def batches_at(setup: dict, name: str, t: int, mesh=None) -> tuple[tuple, tuple]:
-    """``(inner_batch, outer_batch)`` of step ``t`` for ``name`` (sharded on ``mesh``)."""
-    return weighting.batches_at(setup["data"], setup["plan"], t, name == "oracle", mesh)
 
 
 def make_method(name: str, config, setup: dict, mesh=None, fsdp=False):
@@ -64,7 +51,7 @@ def compile_method(
     run one step function), returned instead of compiling again.
     """
     step, carry = make_method(name, config, setup, mesh, fsdp)
-    batch = batches_at(setup, name, 0, mesh)
+    batch = weighting.batches_at(setup, name, 0, mesh)
     compiled = reuse or measure.compile_step(step, *carry, *batch, mesh=mesh)
     return compiled, carry, batch
 
@@ -104,6 +91,6 @@ def train(
     graphdef = setup["graphdef"]
     return weighting.train_method(
         name, compiled, config, setup, measure.fresh_copy(carry), name in BASELINES,
-        lambda t: batches_at(setup, name, t, mesh),
+        lambda t: weighting.batches_at(setup, name, t, mesh),
         lambda y, images, labels: evaluate(graphdef, y, images, labels), weight_statistics,
     )  # fmt: skip
